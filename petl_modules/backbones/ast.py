@@ -1,0 +1,131 @@
+"""Audio Spectrogram Transformer backbone: Kaldi fbank front end + `transformers.ASTModel`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import nn
+from transformers import ASTModel
+
+from .base import Backbone
+from .loading import load_pretrained, read_preprocessor_config
+
+DEFAULT_AST_SOURCE = "MIT/ast-finetuned-audioset-10-10-0.4593"
+# The AudioSet checkpoint's preprocessor_config.json, used when a folder has none.
+AUDIOSET_MEAN = -4.2677393
+AUDIOSET_STD = 4.5689974
+
+
+class FbankFrontEnd(nn.Module):
+    """Waveform -> normalised Kaldi fbank (batch, target_length, num_mel_bins), as AST was trained.
+
+    128 mel bins, 25 ms Hanning window, 10 ms shift, no dither, htk_compat, no energy; zero-padded or
+    cropped to `target_length` frames; then (x - mean) / (2 * std). Deterministic, hence cacheable.
+    """
+
+    def __init__(self, target_length: int, num_mel_bins: int = 128, mean: float = AUDIOSET_MEAN,
+                 std: float = AUDIOSET_STD, sample_rate: int = 16000) -> None:
+        super().__init__()
+        self.target_length = target_length
+        self.num_mel_bins = num_mel_bins
+        self.mean = mean
+        self.std = std
+        self.sample_rate = sample_rate
+
+    def _one(self, wav: torch.Tensor) -> torch.Tensor:
+        wav = F.pad(wav, (0, max(0, 400 - wav.shape[0])))  # at least one 25 ms window
+        fbank = torchaudio.compliance.kaldi.fbank(
+            wav[None].float(), htk_compat=True, sample_frequency=self.sample_rate, use_energy=False,
+            window_type="hanning", num_mel_bins=self.num_mel_bins, dither=0.0, frame_shift=10,
+        )
+        frames = fbank.shape[0]
+        if frames < self.target_length:
+            fbank = F.pad(fbank, (0, 0, 0, self.target_length - frames))
+        return fbank[: self.target_length]
+
+    @torch.no_grad()
+    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> torch.Tensor:
+        lengths = [wavs.shape[1]] * len(wavs) if wav_lens is None else (wav_lens * wavs.shape[1]).round().long().tolist()
+        fbanks = torch.stack([self._one(wav[:length]) for wav, length in zip(wavs, lengths)])
+        return (fbanks - self.mean) / (2 * self.std)
+
+
+def adapt_position_grid(grid: torch.Tensor, new_shape: tuple[int, int]) -> torch.Tensor:
+    """Carry a (1, F, T, D) positional grid over to `new_shape`, as the AST authors do.
+
+    An axis that shrinks is cropped around its centre; an axis that grows is interpolated (bilinear).
+    """
+    _, f_old, t_old, _ = grid.shape
+    f_new, t_new = new_shape
+    if t_new < t_old:
+        start = t_old // 2 - t_new // 2
+        grid = grid[:, :, start:start + t_new]
+    if f_new < f_old:
+        start = f_old // 2 - f_new // 2
+        grid = grid[:, start:start + f_new]
+    if grid.shape[1:3] != (f_new, t_new):
+        grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(f_new, t_new), mode="bilinear",
+                             align_corners=False).permute(0, 2, 3, 1)
+    return grid
+
+
+def patch_grid_shape(config, target_length: int) -> tuple[int, int]:
+    """(frequency rows, time columns) of patches for an input of `target_length` frames."""
+    rows = (config.num_mel_bins - config.patch_size) // config.frequency_stride + 1
+    columns = (target_length - config.patch_size) // config.time_stride + 1
+    return rows, columns
+
+
+class ASTBackbone(Backbone):
+    """AST from a hub id or a local Hugging Face folder, adapted to inputs of `target_length` frames."""
+
+    ffn_name = "mlp"
+    projection_names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+    num_special_tokens = 2  # [CLS] and [DIST]
+
+    def __init__(self, source: str = DEFAULT_AST_SOURCE, target_length: int = 1024) -> None:
+        super().__init__()
+        self.model = load_pretrained(ASTModel, source, ("audio-spectrogram-transformer",))
+        config = self.model.config
+        self.hidden_size = config.hidden_size
+        self._set_target_length(target_length)
+        preprocessor = read_preprocessor_config(source)
+        self.front_end = FbankFrontEnd(
+            target_length, config.num_mel_bins,
+            mean=preprocessor.get("mean", AUDIOSET_MEAN), std=preprocessor.get("std", AUDIOSET_STD),
+            sample_rate=preprocessor.get("sampling_rate", 16000),
+        )
+
+    def _set_target_length(self, target_length: int) -> None:
+        config = self.model.config
+        if target_length < config.patch_size:
+            raise ValueError(f"target_length must be at least the patch size {config.patch_size}; got {target_length}")
+        embeddings = self.model.embeddings
+        old_shape = patch_grid_shape(config, config.max_length)
+        new_shape = patch_grid_shape(config, target_length)
+        table = embeddings.position_embeddings.data
+        special, grid = table[:, :2], table[:, 2:].reshape(1, *old_shape, -1)
+        grid = adapt_position_grid(grid, new_shape).reshape(1, new_shape[0] * new_shape[1], -1)
+        embeddings.position_embeddings = nn.Parameter(torch.cat([special, grid], dim=1).contiguous())
+        config.max_length = target_length
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def final_norm(self) -> nn.LayerNorm:
+        return self.model.layernorm
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.layers
+
+    def embed(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        # AST pads in the fbank domain and attends to every token, as it was trained.
+        return self.embed_features(self.front_end(wavs, wav_lens))
+
+    def embed_features(self, fbank: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Normalised fbank (batch, frames, mel) -> tokens; the entry point for cached features."""
+        return self.model.embeddings(fbank), None

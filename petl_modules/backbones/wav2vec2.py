@@ -1,0 +1,79 @@
+"""Wav2Vec 2.0 (and HuBERT, same layer layout) backbone on raw 16 kHz waveforms."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import HubertModel, Wav2Vec2Model
+from transformers.masking_utils import create_bidirectional_mask
+
+from .base import Backbone, relative_to_mask
+from .loading import load_pretrained, read_preprocessor_config
+
+DEFAULT_WAV2VEC2_SOURCE = "facebook/wav2vec2-base-960h"
+
+
+class Wav2Vec2Backbone(Backbone):
+    """Wav2Vec2 or HuBERT from a hub id or a local Hugging Face folder.
+
+    Padding is handled exactly: padded samples are zeroed, the frame mask follows the CNN's output
+    lengths, attention never looks at padded frames, and the head pools real frames only. (Base
+    checkpoints normalise the first CNN layer over the whole padded input, as they were trained;
+    "layer"-norm checkpoints such as the large ones are fully padding-invariant.)
+    """
+
+    ffn_name = "feed_forward"
+    projection_names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
+
+    def __init__(self, source: str = DEFAULT_WAV2VEC2_SOURCE, model_type: str = "wav2vec2") -> None:
+        super().__init__()
+        model_class = {"wav2vec2": Wav2Vec2Model, "hubert": HubertModel}
+        if model_type not in model_class:
+            raise ValueError(f"model_type must be one of {', '.join(model_class)}; got '{model_type}'")
+        self.model = load_pretrained(model_class[model_type], source, (model_type,))
+        self.hidden_size = self.model.config.hidden_size
+        self.normalize_waveform = read_preprocessor_config(source).get("do_normalize", True)
+        self.stable_layer_norm = self.model.config.do_stable_layer_norm
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.encoder.layers
+
+    @property
+    def final_norm(self) -> nn.LayerNorm | None:
+        # Pre-LN ("stable") encoders close with a LayerNorm; post-LN ones apply it before the layers.
+        return self.model.encoder.layer_norm if self.stable_layer_norm else None
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    def always_frozen(self) -> list[nn.Module]:
+        return [self.model.feature_extractor]
+
+    def embed(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sample_mask = relative_to_mask(wav_lens, wavs.shape[1], wavs.shape[0], wavs.device)
+        wavs = wavs * sample_mask
+        if self.normalize_waveform:
+            count = sample_mask.sum(1, keepdim=True)
+            mean = wavs.sum(1, keepdim=True) / count
+            var = ((wavs - mean) ** 2 * sample_mask).sum(1, keepdim=True) / count
+            wavs = (wavs - mean) / torch.sqrt(var + 1e-7) * sample_mask
+        features = self.model.feature_extractor(wavs).transpose(1, 2)
+        frame_mask = None
+        if wav_lens is not None and not bool(sample_mask.all()):
+            frame_mask = self.model._get_feature_vector_attention_mask(features.shape[1], sample_mask.long())
+        projected = self.model.feature_projection(features)
+        tokens = projected[0] if isinstance(projected, tuple) else projected
+        if frame_mask is not None:
+            tokens = tokens * frame_mask[..., None]
+        encoder = self.model.encoder
+        tokens = tokens + encoder.pos_conv_embed(tokens)
+        if not self.stable_layer_norm:
+            tokens = encoder.layer_norm(tokens)
+        return encoder.dropout(tokens), frame_mask
+
+    def layer_attention_mask(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+        if padding_mask is None:
+            return None
+        return create_bidirectional_mask(config=self.model.config, inputs_embeds=tokens, attention_mask=padding_mask)

@@ -1,0 +1,71 @@
+"""Backbones with random weights saved in Hugging Face format: for tests, the demo and parameter counts.
+
+`base` is the papers' size (the hub checkpoints' configs); `tiny` is a few-layer model for CPU tests.
+The folders load exactly like a downloaded checkpoint (`--backbone_source=DIR`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from transformers import ASTConfig, ASTModel, HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model
+
+from .backbones.ast import AUDIOSET_MEAN, AUDIOSET_STD
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+TINY_CNN = dict(conv_dim=(32, 32), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                num_conv_pos_embedding_groups=4)
+
+
+def backbone_config(kind: str, size: str = "tiny", **overrides):
+    """The config of a `kind` backbone at `size` ("tiny" or "base"), with `overrides` applied."""
+    if size not in ("tiny", "base"):
+        raise ValueError(f"size must be tiny or base; got {size!r}")
+    if kind == "ast":
+        options = dict(TINY, max_length=1024) if size == "tiny" else {}
+        return ASTConfig(**{**options, **overrides})
+    if kind in ("wav2vec2", "hubert"):
+        options = dict(TINY, **TINY_CNN) if size == "tiny" else {}
+        config_class = Wav2Vec2Config if kind == "wav2vec2" else HubertConfig
+        return config_class(**{**options, **overrides})
+    raise ValueError(f"kind must be ast, wav2vec2 or hubert; got {kind!r}")
+
+
+def write_random_checkpoint(kind: str, folder: str | Path, size: str = "tiny", seed: int = 0, **overrides) -> Path:
+    """Save a randomly initialised `kind` backbone (and its preprocessor config) to `folder`."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = backbone_config(kind, size, **overrides)
+    model_class = {"ast": ASTModel, "wav2vec2": Wav2Vec2Model, "hubert": HubertModel}[kind]
+    model = model_class(config)
+    if kind == "ast":  # the hub checkpoint's embeddings are trained, never zero: make ours non-zero too
+        with torch.no_grad():
+            model.embeddings.position_embeddings.normal_(std=0.02)
+            model.embeddings.cls_token.normal_(std=0.02)
+            model.embeddings.distillation_token.normal_(std=0.02)
+    model.save_pretrained(folder)
+    preprocessor = (
+        {"feature_extractor_type": "ASTFeatureExtractor", "mean": AUDIOSET_MEAN, "std": AUDIOSET_STD,
+         "sampling_rate": 16000, "num_mel_bins": config.num_mel_bins, "max_length": config.max_length}
+        if kind == "ast" else
+        {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "do_normalize": True, "sampling_rate": 16000}
+    )
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=("ast", "wav2vec2", "hubert"))
+    parser.add_argument("folder")
+    parser.add_argument("--size", choices=("tiny", "base"), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(write_random_checkpoint(args.kind, args.folder, args.size, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""The tuning methods. Each is a small option object whose `apply(backbone)` injects its modules."""
+
+from .adapter import Adapter, AdaptedSublayer
+from .base import Method, PETLModule
+from .blocks import BottleneckBlock, ConformerBlock
+from .lora import LoRA, LoRALinear
+from .moa import DenseMoA, SoftMoA
+from .prompt import PrefixTuning, PromptTuning
+from .selection import BitFit, FullFineTuning, LinearProbing
+
+METHODS: dict[str, type[Method]] = {
+    method.name: method
+    for method in (LinearProbing, FullFineTuning, Adapter, PromptTuning, PrefixTuning, LoRA, BitFit, DenseMoA, SoftMoA)
+}
+
+__all__ = [
+    "METHODS", "Adapter", "AdaptedSublayer", "BitFit", "BottleneckBlock", "ConformerBlock", "DenseMoA",
+    "FullFineTuning", "LinearProbing", "LoRA", "LoRALinear", "Method", "PETLModule", "PrefixTuning",
+    "PromptTuning", "SoftMoA",
+]

@@ -1,0 +1,85 @@
+"""LoRA (Hu et al., 2022) on the attention projections, with merge/unmerge for inference."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..backbones.base import Backbone
+from .base import Method, PETLModule, bottleneck_size, positive_int, probability
+
+PROJECTIONS = ("q", "k", "v", "o")
+
+
+class LoRAUpdate(PETLModule):
+    """The low-rank update scale * B(A(dropout(x))): A random (as PEFT), B zero, so it starts at zero."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, out_features, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = alpha / rank
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scale
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus its LoRA update; `merge()` folds the update into the weight for inference."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.base = base
+        self.lora = LoRAUpdate(base.in_features, base.out_features, rank, alpha, dropout)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.base(x)
+        return output if self.merged else output + self.lora(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.lora.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.lora.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+
+class LoRA(Method):
+    """LoRA with rank = hidden / `reduction_rate` (papers: 768 / 64 = 12) and scale alpha / rank."""
+
+    name = "lora"
+
+    def __init__(self, reduction_rate: int = 64, alpha: float = 8, targets: tuple[str, ...] | list[str] = ("q", "v"),
+                 dropout: float = 0.0) -> None:
+        self.reduction_rate = positive_int("reduction_rate", reduction_rate)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+            raise ValueError(f"alpha must be a positive number; got {alpha!r}")
+        self.alpha = alpha
+        targets = tuple(targets)
+        unknown = [target for target in targets if target not in PROJECTIONS]
+        if not targets or unknown:
+            raise ValueError(f"targets must be a non-empty list of {', '.join(PROJECTIONS)}; got {list(targets)}")
+        self.targets = targets
+        self.dropout = probability("dropout", dropout)
+
+    def apply(self, backbone: Backbone) -> None:
+        rank = bottleneck_size(backbone.hidden_size, self.reduction_rate)
+        for layer in backbone.layers:
+            attention = getattr(layer, backbone.attention_name)
+            for target in self.targets:
+                name = backbone.projection_names[target]
+                setattr(attention, name, LoRALinear(getattr(attention, name), rank, self.alpha, self.dropout))

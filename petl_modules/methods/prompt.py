@@ -1,0 +1,114 @@
+"""Prompt tuning (shallow / deep, Jia et al. 2022) and prefix tuning (Li & Liang, 2021)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones.base import Backbone, ForwardState
+from .base import Method, PETLModule, flag, positive_int, probability
+
+
+class PromptTokens(PETLModule):
+    """Learned tokens inserted after the special tokens ([CLS], [DIST]) before the first layer.
+
+    Shallow: one set of prompts enters once and flows through the layers. Deep: every layer gets its
+    own prompts, which replace the previous layer's prompt outputs. Prompts carry no positional
+    embedding and are never padding.
+    """
+
+    def __init__(self, num_layers: int, prompt_len: int, hidden_size: int, deep: bool, dropout: float,
+                 insert_at: int) -> None:
+        super().__init__()
+        self.prompts = nn.Parameter(torch.randn(num_layers if deep else 1, prompt_len, hidden_size) * 0.02)
+        self.deep = deep
+        self.dropout = nn.Dropout(dropout)
+        self.insert_at = insert_at
+
+    def forward(self, layer_index: int, tokens: torch.Tensor, mask: torch.Tensor | None):
+        if layer_index > 0 and not self.deep:
+            return tokens, mask
+        batch, length = tokens.shape[0], self.prompts.shape[1]
+        prompts = self.dropout(self.prompts[layer_index]).expand(batch, -1, -1).to(tokens.dtype)
+        start = self.insert_at
+        rest = tokens[:, start:] if layer_index == 0 else tokens[:, start + length:]
+        tokens = torch.cat([tokens[:, :start], prompts, rest], dim=1)
+        if mask is not None and layer_index == 0:
+            real = torch.ones(batch, length, dtype=mask.dtype, device=mask.device)
+            mask = torch.cat([mask[:, :start], real, mask[:, start:]], dim=1)
+        return tokens, mask
+
+
+class PromptTuning(Method):
+    """Shallow (`deep: False`) or deep prompt tuning with `prompt_len` prompts (papers: 25)."""
+
+    name = "prompt_tuning"
+
+    def __init__(self, prompt_len: int = 25, deep: bool = False, dropout: float = 0.0) -> None:
+        self.prompt_len = positive_int("prompt_len", prompt_len)
+        self.deep = flag("deep", deep)
+        self.dropout = probability("dropout", dropout)
+
+    def apply(self, backbone: Backbone) -> None:
+        backbone.token_hooks.append(PromptTokens(
+            len(backbone.layers), self.prompt_len, backbone.hidden_size, self.deep, self.dropout,
+            backbone.num_special_tokens,
+        ))
+
+
+class PrefixKeysValues(PETLModule):
+    """`prefix_len` learned key and value vectors for one attention layer."""
+
+    def __init__(self, prefix_len: int, hidden_size: int) -> None:
+        super().__init__()
+        self.keys = nn.Parameter(torch.randn(prefix_len, hidden_size) * 0.02)
+        self.values = nn.Parameter(torch.randn(prefix_len, hidden_size) * 0.02)
+
+
+class PrefixAttention(nn.Module):
+    """The frozen attention's projections, with learned keys and values prepended to its own."""
+
+    def __init__(self, attention: nn.Module, projection_names: dict[str, str], num_heads: int,
+                 prefix: PrefixKeysValues, state: ForwardState) -> None:
+        super().__init__()
+        self.attention = attention
+        self.projection_names = projection_names
+        self.num_heads = num_heads
+        self.prefix = prefix
+        self.state = state
+
+    def _project(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.attention, self.projection_names[which])(x)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        batch, length, _ = hidden_states.shape
+        prefix_len = self.prefix.keys.shape[0]
+        query = self._heads(self._project("q", hidden_states))
+        keys = torch.cat([self.prefix.keys.expand(batch, -1, -1), self._project("k", hidden_states)], dim=1)
+        values = torch.cat([self.prefix.values.expand(batch, -1, -1), self._project("v", hidden_states)], dim=1)
+        mask = self.state.padding_mask
+        if mask is not None:
+            mask = F.pad(mask, (prefix_len, 0), value=True)[:, None, None, :]
+        attended = F.scaled_dot_product_attention(query, self._heads(keys), self._heads(values), attn_mask=mask)
+        output = self._project("o", attended.transpose(1, 2).reshape(batch, length, -1))
+        return output, None
+
+
+class PrefixTuning(Method):
+    """Prefix tuning: `prefix_len` key and `prefix_len` value vectors per layer (papers: 12 + 12)."""
+
+    name = "prefix_tuning"
+
+    def __init__(self, prefix_len: int = 12) -> None:
+        self.prefix_len = positive_int("prefix_len", prefix_len)
+
+    def apply(self, backbone: Backbone) -> None:
+        for layer in backbone.layers:
+            attention = getattr(layer, backbone.attention_name)
+            prefix = PrefixKeysValues(self.prefix_len, backbone.hidden_size)
+            setattr(layer, backbone.attention_name, PrefixAttention(
+                attention, backbone.projection_names, backbone.num_heads, prefix, backbone.state))

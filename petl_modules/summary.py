@@ -1,0 +1,82 @@
+"""Parameter summary of a model declared in HyperPyYAML, without data or training.
+
+    python -m petl_modules.summary HPARAMS.yaml [--key=value ...] [--json]
+
+A method block alone (petl_modules/hparams/methods/*.yaml) is completed with the library's model block,
+so `--backbone=wav2vec2 --backbone_source=DIR` works on it as on a recipe's file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .hparams_loader import LIBRARY_HPARAMS, HparamsError, compose, load_hparams
+from .backbones.loading import BackboneLoadError
+from .model import PETLModel
+
+
+def summarize(model: PETLModel, method_name: str | None = None) -> dict:
+    """Backbone and trainable parameter counts, by group, and their share of the backbone."""
+    backbone = model.backbone_parameters()
+    groups = model.trainable_parameter_groups()
+    trainable = sum(groups.values())
+    return {
+        "method": method_name or model.method.name,
+        "backbone": type(model.backbone).__name__,
+        "backbone_params": backbone,
+        "trainable_params": trainable,
+        "trainable_percent": 100 * trainable / backbone,
+        "method_params": groups["method"],
+        "method_percent": 100 * groups["method"] / backbone,
+        "head_params": groups["head"],
+        "final_norm_params": groups["final_norm"],
+    }
+
+
+def split_arguments(argv: list[str]) -> tuple[str, dict, bool]:
+    """HPARAMS.yaml, the --key=value overrides (YAML values) and --json."""
+    files = [arg for arg in argv if not arg.startswith("--")]
+    if len(files) != 1:
+        raise HparamsError("usage: python -m petl_modules.summary HPARAMS.yaml [--key=value ...] [--json]")
+    overrides, as_json = {}, False
+    for arg in argv:
+        if arg == "--json":
+            as_json = True
+        elif arg.startswith("--"):
+            key, sep, value = arg[2:].partition("=")
+            if not sep:
+                raise HparamsError(f"option {arg} needs a value: --{key}=VALUE")
+            overrides[key] = value
+    return files[0], overrides, as_json
+
+
+def load_hparams_with_model(path: str, overrides: dict) -> dict:
+    """The hyperparameters of `path`, completed with the library's model block when it has no model."""
+    defaults = () if "model" in compose(path) else (LIBRARY_HPARAMS / "model.yaml",)
+    yaml_overrides = "\n".join(f"{key}: {value}" for key, value in overrides.items())
+    return load_hparams(path, yaml_overrides, defaults=defaults)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        path, overrides, as_json = split_arguments(sys.argv[1:] if argv is None else argv)
+        hparams = load_hparams_with_model(path, overrides)
+        summary = summarize(hparams["model"], hparams.get("method_name"))
+    except (HparamsError, BackboneLoadError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(summary))
+        return 0
+    print(f"{summary['method']} on {summary['backbone']}")
+    print(f"  backbone parameters   {summary['backbone_params']:>12,}")
+    for group in ("method", "final_norm", "head"):
+        print(f"  trainable: {group:<10} {summary[group + '_params']:>12,}")
+    print(f"  trainable in all      {summary['trainable_params']:>12,}  "
+          f"({summary['trainable_percent']:.3f} % of the backbone; method alone {summary['method_percent']:.3f} %)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
