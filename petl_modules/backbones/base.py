@@ -62,8 +62,8 @@ class Backbone(nn.Module):
         """The transformer part whose Linear and LayerNorm biases BitFit trains."""
         raise NotImplementedError
 
-    def always_frozen(self) -> list[nn.Module]:
-        """Modules that stay frozen in every method (the Wav2Vec2 CNN feature encoder)."""
+    def always_frozen(self) -> list[nn.Parameter]:
+        """Tensors that stay frozen in every method (the Wav2Vec2 CNN feature encoder)."""
         return []
 
     def embed(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

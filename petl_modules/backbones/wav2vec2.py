@@ -48,8 +48,12 @@ class Wav2Vec2Backbone(Backbone):
     def encoder(self) -> nn.Module:
         return self.model.encoder
 
-    def always_frozen(self) -> list[nn.Module]:
-        return [self.model.feature_extractor]
+    def always_frozen(self) -> list[nn.Parameter]:
+        # The CNN feature encoder, and the mask embedding of pre-training's SpecAugment, which we never apply.
+        frozen = list(self.model.feature_extractor.parameters())
+        if getattr(self.model, "masked_spec_embed", None) is not None:
+            frozen.append(self.model.masked_spec_embed)
+        return frozen
 
     def embed(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         sample_mask = relative_to_mask(wav_lens, wavs.shape[1], wavs.shape[0], wavs.device)

@@ -44,8 +44,8 @@ class FullFineTuning(Method):
                 trainable.append(backbone.final_norm)
         for module in trainable:
             module.requires_grad_(True)
-        for module in backbone.always_frozen():
-            module.requires_grad_(False)
+        for parameter in backbone.always_frozen():
+            parameter.requires_grad_(False)
 
 
 class BitFit(Method):

@@ -1,0 +1,47 @@
+"""Tiny random backbones in Hugging Face format, and models built on them, for the unit tests."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from petl_modules.backbones import build_backbone  # noqa: E402
+from petl_modules.checkpoints import write_random_checkpoint  # noqa: E402
+from petl_modules.methods import METHODS  # noqa: E402
+from petl_modules.model import PETLModel  # noqa: E402
+
+# Kinds of tiny checkpoints: post-LN Wav2Vec2 with a GroupNorm CNN (like base) and a pre-LN one with a
+# LayerNorm CNN (like large, fully padding-invariant).
+CHECKPOINTS = {
+    "ast": ("ast", {}),
+    "wav2vec2": ("wav2vec2", {}),
+    "wav2vec2_stable": ("wav2vec2", {"do_stable_layer_norm": True, "feat_extract_norm": "layer"}),
+}
+TARGET_LENGTH = 100  # AST frames: 9 time columns x 12 frequency rows + 2 special tokens
+
+
+def write_checkpoints(root: Path) -> dict[str, Path]:
+    return {name: write_random_checkpoint(kind, root / name, **options)
+            for name, (kind, options) in CHECKPOINTS.items()}
+
+
+def build_model(checkpoint: Path, method: str = "linear", num_classes: int = 5, seed: int = 0,
+                pooling: str = "mean", **options) -> PETLModel:
+    """A PETLModel on a tiny checkpoint; the seed fixes the method's and head's initialisation."""
+    kind = "ast" if "ast" in checkpoint.name else "wav2vec2"
+    backbone = build_backbone(kind, str(checkpoint), target_length=TARGET_LENGTH)
+    torch.manual_seed(seed)
+    return PETLModel(backbone, METHODS[method](**options), num_classes, pooling=pooling)
+
+
+def waveforms(batch: int = 3, seconds: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random waveforms with unequal relative lengths (the first one full)."""
+    generator = torch.Generator().manual_seed(seed)
+    wavs = torch.randn(batch, int(16000 * seconds), generator=generator) * 0.1
+    lens = torch.linspace(1.0, 0.6, batch)
+    return wavs, lens
