@@ -303,3 +303,27 @@ def test_bad_options_are_named(checkpoints):
         build_model(checkpoints["ast"], "lora", targets=["query"])
     with pytest.raises(ValueError, match="pooling 'cls' needs"):
         build_model(checkpoints["wav2vec2"], "linear", pooling="cls")
+
+
+@pytest.mark.parametrize(("method", "options"), VARIANTS, ids=IDS)
+def test_wav2vec2_cnn_feature_encoder_never_trains(checkpoints, method, options):
+    model = build_model(checkpoints["wav2vec2"], method, **options)
+    assert not any(p.requires_grad for p in model.backbone.model.feature_extractor.parameters())
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_prompts_follow_the_special_tokens_and_deep_prompts_replace_the_previous_ones(checkpoints, deep):
+    model = build_model(checkpoints["ast"], "prompt_tuning", prompt_len=3, deep=deep).eval()
+    seen = []
+    for layer in model.backbone.layers:
+        layer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0].clone()), with_kwargs=True)
+    wavs, _ = waveforms(batch=1)
+    with torch.no_grad():
+        tokens, _ = model.backbone(wavs)
+    prompts = model.backbone.token_hooks[0].prompts
+    assert tokens.shape[1] == 2 + 12 * 9 + 3  # [CLS], [DIST], patches, prompts
+    torch.testing.assert_close(seen[0][0, 2:5], prompts[0])
+    if deep:
+        torch.testing.assert_close(seen[1][0, 2:5], prompts[1])
+    else:
+        assert not torch.allclose(seen[1][0, 2:5], prompts[0])
