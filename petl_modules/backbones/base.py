@@ -30,6 +30,8 @@ class Backbone(nn.Module):
     sub-layers, and implement `embed` (input -> tokens before the first layer).
     """
 
+    model: nn.Module
+    hidden_size: int
     attention_name = "attention"
     ffn_name: str
     projection_names: dict[str, str]  # "q", "k", "v", "o" -> attribute name inside the attention module
@@ -40,9 +42,6 @@ class Backbone(nn.Module):
         self.state = ForwardState()
         # Callables (layer_index, tokens, mask) -> (tokens, mask) run before each layer: prompt tuning.
         self.token_hooks = nn.ModuleList()
-
-    model: nn.Module
-    hidden_size: int
 
     @property
     def layers(self) -> nn.ModuleList:
