@@ -52,11 +52,25 @@ def compose(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
 
 
 def parse_overrides(overrides: str | dict | None) -> dict:
+    """Overrides as a dict: SpeechBrain's YAML string (`key: value` lines) or a dict."""
     if not overrides:
         return {}
-    if isinstance(overrides, str):
+    if not isinstance(overrides, str):
+        return dict(overrides)
+    try:
         return dict(_yaml().load(overrides) or {})
-    return dict(overrides)
+    except ruamel.yaml.YAMLError as error:
+        raise HparamsError(
+            "command-line options are not valid YAML values or repeat an option "
+            f"({str(error).strip().splitlines()[-1]})"
+        ) from None
+
+
+def check_overrides(tree: dict, overrides: dict, path: str | Path) -> None:
+    """Every override must name a key of the composed file: a typo must not be silently ignored."""
+    unknown = sorted(set(overrides) - set(tree))
+    if unknown:
+        raise HparamsError(f"unknown option --{unknown[0]}: not a key of {path} or of the files it extends")
 
 
 def load_hparams(path: str | Path, overrides: str | dict | None = None,
@@ -70,11 +84,7 @@ def load_hparams(path: str | Path, overrides: str | dict | None = None,
         tree.update(compose(default))
     tree.update(compose(path))
     overrides = parse_overrides(overrides)
-    unknown = sorted(set(overrides) - set(tree))
-    if unknown:
-        raise HparamsError(
-            f"unknown option --{unknown[0]}: not a key of {path} or of the files it extends"
-        )
+    check_overrides(tree, overrides, path)
     stream = StringIO()
     _yaml().dump(tree, stream)
     stream.seek(0)

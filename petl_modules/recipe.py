@@ -33,7 +33,7 @@ from speechbrain.utils.seed import seed_everything
 
 from .backbones import BackboneLoadError
 from .data import AudioError, DataPreparationError, read_audio, read_classes
-from .hparams_loader import HparamsError, compose, load_hparams, parse_overrides
+from .hparams_loader import HparamsError, check_overrides, compose, load_hparams, parse_overrides
 from .training import BASE_METRICS, MetricFn, PETLBrain, add_spec_augment, extra_train_loggers
 
 logger = logging.getLogger(__name__)
@@ -221,15 +221,9 @@ def _plain(value: object) -> object:
 def run(recipe: DatasetRecipe, argv: Sequence[str] | None = None) -> dict:
     """Run the recipe's folds as asked on the command line; returns the results.json content."""
     param_file, run_opts, override_text = sb.parse_arguments(list(sys.argv[1:] if argv is None else argv))
-    try:
-        overrides = parse_overrides(override_text)
-    except ruamel.yaml.YAMLError as error:
-        first_line = str(error).strip().splitlines()[-1]
-        raise RecipeError(f"command-line options are not valid YAML values or repeat an option ({first_line})") from None
+    overrides = parse_overrides(override_text)
     tree = compose(param_file)
-    unknown = sorted(set(overrides) - set(tree))
-    if unknown:
-        raise HparamsError(f"unknown option --{unknown[0]}: not a key of {param_file} or of the files it extends")
+    check_overrides(tree, overrides, param_file)  # before any model is built
     settings = {key: _plain(value) for key, value in {**tree, **overrides}.items()
                 if not isinstance(value, (Mapping, list))}
     for required in ("data_folder", "output_folder"):

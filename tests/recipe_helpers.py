@@ -9,7 +9,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from synthetic_datasets import make_esc50, make_fsc, make_gsc, make_iemocap, make_urbansound8k  # noqa: E402
+from petl_modules.data.synthetic import make_esc50, make_fsc, make_gsc, make_iemocap, make_urbansound8k  # noqa: E402
 
 from petl_modules.checkpoints import write_random_checkpoint  # noqa: E402
 

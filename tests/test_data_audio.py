@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from synthetic_datasets import URBANSOUND8K_FORMATS, make_urbansound8k
+from petl_modules.data.synthetic import URBANSOUND8K_FORMATS, make_urbansound8k
 
 from petl_modules.data import AudioError, audio_info, read_audio
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from synthetic_datasets import make_esc50, make_fsc, make_gsc, make_iemocap, make_urbansound8k
+from petl_modules.data.synthetic import make_esc50, make_fsc, make_gsc, make_iemocap, make_urbansound8k
 
 from petl_modules.data import (
     CLASSES_FILE,

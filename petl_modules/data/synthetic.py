@@ -1,4 +1,4 @@
-"""Tiny datasets in the five official layouts, for tests and smoke runs.
+"""Tiny datasets in the five official layouts, for tests, smoke runs and the demo.
 
 Each class is a sine at a class-specific frequency plus a little noise, so a
 model can learn them; each generator reproduces the quirks of the real corpus
