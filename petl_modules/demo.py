@@ -11,7 +11,6 @@ The backbone is not pretrained, so the numbers show the pipeline at work, not th
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import sys
@@ -19,20 +18,10 @@ from pathlib import Path
 
 from .checkpoints import write_random_checkpoint
 from .data.synthetic import make_gsc
-from .recipe import REPO_ROOT, USER_ERRORS, run
+from .recipe import REPO_ROOT, USER_ERRORS, load_recipe, run
 
 DEFAULT_METHODS = ("linear", "bitfit", "lora", "adapter", "conformer_adapter", "prompt_tuning", "soft_moa")
 NUM_WORDS = 6
-
-
-def gsc_recipe():
-    """The GSC recipe's `RECIPE`, loaded from recipes/GSC/train.py (one definition of the recipe)."""
-    folder = REPO_ROOT / "recipes" / "GSC"
-    sys.path.insert(0, str(folder))
-    spec = importlib.util.spec_from_file_location("gsc_train", folder / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.RECIPE
 
 
 def results_table(results: dict[str, dict]) -> str:
@@ -64,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (backbone / "config.json").is_file():
         write_random_checkpoint("ast", backbone)
 
-    recipe = gsc_recipe()
+    recipe = load_recipe("GSC")
     results = {}
     try:
         for method in args.methods.split(","):

@@ -13,6 +13,7 @@ aggregates every finished fold found there (mean and population std over folds).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -31,8 +32,8 @@ import torch
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.seed import seed_everything
 
-from .backbones import BackboneLoadError
-from .data import AudioError, DataPreparationError, read_audio, read_classes
+from .backbones import ASTBackbone, BackboneLoadError
+from .data import AudioError, DataPreparationError, FeatureCache, read_audio, read_classes
 from .hparams_loader import HparamsError, check_overrides, compose, load_hparams, parse_overrides
 from .training import BASE_METRICS, MetricFn, PETLBrain, add_spec_augment, extra_train_loggers
 
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 FOLD_RESULT = "fold_result.json"
 RESULTS = "results.json"
 MANIFESTS = "manifests"
+FEATURE_CACHE = "feature_cache"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -60,6 +62,19 @@ class DatasetRecipe:
     @property
     def metrics(self) -> dict[str, MetricFn]:
         return {**BASE_METRICS, **self.extra_metrics}
+
+
+def load_recipe(dataset: str) -> DatasetRecipe:
+    """The `RECIPE` of recipes/<dataset>/train.py, imported as its script would be (for in-process runs)."""
+    folder = REPO_ROOT / "recipes" / dataset
+    if not (folder / "train.py").is_file():
+        raise RecipeError(f"no recipe {dataset!r}: {folder / 'train.py'} not found")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"train_{dataset.lower()}", folder / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RECIPE
 
 
 def write_json_atomic(path: Path, data: object) -> None:
@@ -101,14 +116,18 @@ def select_folds(recipe: DatasetRecipe, fold: object) -> list[int | None]:
     return [fold]
 
 
-def build_datasets(manifests: Mapping[str, Path], classes: Sequence[str]) -> dict[str, DynamicItemDataset]:
-    """Manifests -> datasets yielding `sig` (16 kHz waveform) and `label_index` (position in classes.txt)."""
+def build_datasets(manifests: Mapping[str, Path], classes: Sequence[str],
+                   load: Callable[[str], torch.Tensor] = read_audio) -> dict[str, DynamicItemDataset]:
+    """Manifests -> datasets yielding `sig` and `label_index` (position in classes.txt).
+
+    `sig` is what `load` returns for the item's file: the 16 kHz waveform, or cached features.
+    """
     index = {label: position for position, label in enumerate(classes)}
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav: str) -> torch.Tensor:
-        return read_audio(wav)
+        return load(wav)
 
     @sb.utils.data_pipeline.takes("label")
     @sb.utils.data_pipeline.provides("label_index")
@@ -132,8 +151,17 @@ def _dump_hparams(param_file: str, overrides: Mapping, path: Path) -> None:
     path.write_text(stream.getvalue())
 
 
+def input_loader(hparams: Mapping, default_cache_folder: Path) -> Callable[[str], torch.Tensor]:
+    """What the data loaders read: AST's fbank through the feature cache (`cache_features`), else waveforms."""
+    backbone = hparams["model"].backbone
+    if not (hparams["cache_features"] and isinstance(backbone, ASTBackbone)):
+        return read_audio
+    folder = hparams["feature_cache_folder"] or default_cache_folder
+    return FeatureCache(folder, backbone.front_end.single, backbone.front_end.settings())
+
+
 def run_fold(recipe: DatasetRecipe, param_file: str, run_opts, overrides: Mapping, fold: int | None,
-             run_folder: Path, manifest_folder: Path, seed: int) -> dict:
+             run_folder: Path, output_folder: Path, seed: int) -> dict:
     """Train, select on validation, test with the selected checkpoint; returns this fold's results.
 
     The seed is set before the model is built, so every fold starts from the same initialisation.
@@ -144,13 +172,13 @@ def run_fold(recipe: DatasetRecipe, param_file: str, run_opts, overrides: Mappin
     _dump_hparams(param_file, {**overrides, "output_folder": str(run_folder)}, run_folder / "hyperparams.yaml")
 
     fold_args = {} if fold is None else {"fold": fold}
-    manifests = recipe.prepare(data_folder=hparams["data_folder"], save_folder=manifest_folder,
+    manifests = recipe.prepare(data_folder=hparams["data_folder"], save_folder=output_folder / MANIFESTS,
                                few_shot_samples=hparams["few_shot_samples"], seed=hparams["seed"], **fold_args)
     classes = read_classes(Path(manifests["train"]).parent / "classes.txt")
     if len(classes) != hparams["num_classes"]:
         raise RecipeError(f"num_classes is {hparams['num_classes']} but the prepared {recipe.name} data has "
                           f"{len(classes)} classes; set --num_classes={len(classes)}")
-    datasets = build_datasets(manifests, classes)
+    datasets = build_datasets(manifests, classes, input_loader(hparams, output_folder / FEATURE_CACHE))
 
     model = hparams["model"]
     if hparams["spec_augment"]:
@@ -244,8 +272,8 @@ def run(recipe: DatasetRecipe, argv: Sequence[str] | None = None) -> dict:
             logger.info("%s: fold %s already finished (%s), skipped", recipe.name, key, done)
             results[key] = json.loads(done.read_text())
             continue
-        results[key] = run_fold(recipe, param_file, run_opts, overrides, fold, run_folder,
-                                 output_folder / MANIFESTS, int(settings["seed"]))
+        results[key] = run_fold(recipe, param_file, run_opts, overrides, fold, run_folder, output_folder,
+                                 int(settings["seed"]))
         if not debug:  # debug runs use throw-away checkpoints: never mark them finished
             write_json_atomic(done, results[key])
     for other in recipe.folds:  # folds finished by other invocations (e.g. one job per fold)

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from speechbrain.dataio.sampler import ReproducibleRandomSampler
 from speechbrain.utils.checkpoints import Checkpoint, Checkpointer, mark_as_loader, mark_as_saver, register_checkpoint_hooks
-from torch import nn
-from torchaudio.transforms import FrequencyMasking, TimeMasking
 
+from .backbones.ast import ASTBackbone, SpecAugment
 from .model import PETLModel
 
 logger = logging.getLogger(__name__)
@@ -181,33 +180,12 @@ class CosineSchedule:
 
 # --- SpecAugment --------------------------------------------------------------------------------
 
-class SpecAugmentedFrontEnd(nn.Module):
-    """AST's fbank front end followed, in training mode only, by one frequency and one time mask per item.
-
-    Masks are applied to the normalised fbank (value 0, the corpus mean) before the patch embedding.
-    """
-
-    def __init__(self, front_end: nn.Module, freq_mask: int, time_mask: int) -> None:
-        super().__init__()
-        self.front_end = front_end
-        self.freq_masking = FrequencyMasking(freq_mask, iid_masks=True)
-        self.time_masking = TimeMasking(time_mask, iid_masks=True)
-
-    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> torch.Tensor:
-        fbank = self.front_end(wavs, wav_lens)
-        if not self.training:
-            return fbank
-        spectrogram = fbank.transpose(1, 2)[:, None]  # (batch, 1, mel, frames): one mask per item
-        return self.time_masking(self.freq_masking(spectrogram))[:, 0].transpose(1, 2)
-
-
 def add_spec_augment(model: PETLModel, freq_mask: int, time_mask: int) -> bool:
-    """Wrap the backbone's fbank front end with SpecAugment; False (unchanged) for waveform backbones."""
-    front_end = getattr(model.backbone, "front_end", None)
-    if front_end is None:
+    """SpecAugment on AST's fbank during training; False (unchanged) for waveform backbones."""
+    if not isinstance(model.backbone, ASTBackbone):
         logger.info("SpecAugment skipped: %s takes waveforms, not an fbank", type(model.backbone).__name__)
         return False
-    model.backbone.front_end = SpecAugmentedFrontEnd(front_end, freq_mask, time_mask)
+    model.backbone.spec_augment = SpecAugment(freq_mask, time_mask)
     return True
 
 

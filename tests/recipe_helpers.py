@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,17 +33,6 @@ def write_workspace(root: Path) -> dict[str, Path]:
     paths["ast"] = write_random_checkpoint("ast", root / "ast")
     paths["wav2vec2"] = write_random_checkpoint("wav2vec2", root / "wav2vec2")
     return paths
-
-
-def load_recipe(dataset: str):
-    """The `RECIPE` of recipes/<dataset>/train.py, imported as its script would be."""
-    folder = REPO / "recipes" / dataset
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-    spec = importlib.util.spec_from_file_location(f"train_{dataset.lower()}", folder / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.RECIPE
 
 
 def recipe_args(dataset: str, method: str, workspace: dict[str, Path], output: Path, *extra: str,

@@ -197,3 +197,44 @@ def test_hubert_uses_the_same_injection(tmp_path):
     model = PETLModel(build_backbone("hubert", str(folder)), SoftMoA(num_adapters=2, reduction_rate=4), 3).eval()
     wavs, lens = waveforms()
     assert model(wavs, lens).shape == (3, 3)
+
+
+def test_cached_fbank_gives_the_same_logits_and_is_computed_once(checkpoints, tmp_path):
+    import soundfile
+
+    from petl_modules.data import FeatureCache, read_audio
+    from tiny_models import build_model
+
+    model = build_model(checkpoints["ast"], "adapter", reduction_rate=4).eval()
+    front_end = model.backbone.front_end
+    paths = []
+    for index, seconds in enumerate((1.0, 0.6)):
+        paths.append(tmp_path / f"clip{index}.wav")
+        soundfile.write(paths[-1], (torch.randn(int(16000 * seconds)) * 0.1).numpy(), 16000)
+    cache = FeatureCache(tmp_path / "cache", front_end.single, front_end.settings())
+    features = torch.stack([cache(path) for path in paths])
+    assert len(list(cache.folder.glob("*.pt"))) == 2
+    assert torch.equal(torch.stack([cache(path) for path in paths]), features)  # read back, not recomputed
+
+    wavs = torch.nn.functional.pad(read_audio(paths[1]), (0, 6400))
+    wavs = torch.stack([read_audio(paths[0]), wavs])
+    with torch.no_grad():
+        torch.testing.assert_close(model(features), model(wavs, torch.tensor([1.0, 0.6])))
+    other = FeatureCache(tmp_path / "cache", front_end.single, {**front_end.settings(), "target_length": 50})
+    assert other.folder != cache.folder  # other settings never read these features
+
+
+def test_spec_augment_applies_to_cached_features_in_training_only(checkpoints):
+    from petl_modules.training import add_spec_augment
+    from tiny_models import build_model
+
+    model = build_model(checkpoints["ast"], "linear")
+    assert add_spec_augment(model, freq_mask=24, time_mask=80)
+    features = torch.randn(4, 100, 128)
+    model.train()
+    torch.manual_seed(0)
+    trained = model(features)
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(trained, model(features))
+        torch.testing.assert_close(model(features), model(features))

@@ -3,6 +3,7 @@ resuming, Wav2Vec2, and one-line errors."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipe_helpers import DATASETS, METHODS, REPO, load_recipe, recipe_args, write_workspace
+from recipe_helpers import DATASETS, METHODS, REPO, recipe_args, write_workspace
 
-from petl_modules.recipe import RESULTS, main, run
+from petl_modules.recipe import RESULTS, load_recipe, main, run
 from petl_modules.training import PETLBrain
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -28,6 +29,15 @@ def latest_model_state(output: Path) -> dict[str, torch.Tensor]:
     """The trainable state in the most recent checkpoint of a run."""
     checkpoints = sorted((output / "save").glob("CKPT+*"), key=lambda p: p.stat().st_mtime)
     return torch.load(checkpoints[-1] / "model.ckpt")
+
+
+def read_manifests(output: Path) -> dict[str, list[str]]:
+    """The audio files of every prepared split under `output`."""
+    manifests = {}
+    for csv_path in (output / "manifests").rglob("*.csv"):
+        with open(csv_path, newline="") as handle:
+            manifests[str(csv_path)] = sorted({row["wav"] for row in csv.DictReader(handle)})
+    return manifests
 
 
 def check_results(results: dict, dataset: str, method: str, folds: list[str]) -> None:
@@ -63,6 +73,8 @@ def test_every_method_trains_and_tests(workspace, tmp_path, dataset, method):
     assert (run_folder / "train_log.txt").read_text().count("epoch: 1") == 1
     saved = sum(t.numel() for t in latest_model_state(run_folder).values())
     assert results["parameters"]["trainable"] <= saved < results["parameters"]["trainable"] + 1000  # + BN stats
+    cached = list((tmp_path / "feature_cache").glob("*/*.pt"))  # AST's fbank, once per audio file
+    assert len(cached) == sum(len(split) for split in read_manifests(tmp_path).values())
 
 
 @pytest.mark.parametrize("dataset", list(DATASETS))

@@ -33,22 +33,44 @@ class FbankFrontEnd(nn.Module):
         self.std = std
         self.sample_rate = sample_rate
 
-    def _one(self, wav: torch.Tensor) -> torch.Tensor:
+    def settings(self) -> dict:
+        """Everything the features depend on (the key of a feature cache)."""
+        return {"target_length": self.target_length, "num_mel_bins": self.num_mel_bins, "mean": self.mean,
+                "std": self.std, "sample_rate": self.sample_rate}
+
+    @torch.no_grad()
+    def single(self, wav: torch.Tensor) -> torch.Tensor:
+        """One waveform (samples,) -> normalised fbank (target_length, num_mel_bins)."""
         wav = F.pad(wav, (0, max(0, 400 - wav.shape[0])))  # at least one 25 ms window
         fbank = torchaudio.compliance.kaldi.fbank(
             wav[None].float(), htk_compat=True, sample_frequency=self.sample_rate, use_energy=False,
             window_type="hanning", num_mel_bins=self.num_mel_bins, dither=0.0, frame_shift=10,
         )
-        frames = fbank.shape[0]
-        if frames < self.target_length:
-            fbank = F.pad(fbank, (0, 0, 0, self.target_length - frames))
-        return fbank[: self.target_length]
+        fbank = F.pad(fbank, (0, 0, 0, max(0, self.target_length - fbank.shape[0])))[: self.target_length]
+        return (fbank - self.mean) / (2 * self.std)
 
-    @torch.no_grad()
     def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """Waveforms (batch, samples), each used up to its relative length -> (batch, frames, mel)."""
         lengths = [wavs.shape[1]] * len(wavs) if wav_lens is None else (wav_lens * wavs.shape[1]).round().long().tolist()
-        fbanks = torch.stack([self._one(wav[:length]) for wav, length in zip(wavs, lengths)])
-        return (fbanks - self.mean) / (2 * self.std)
+        return torch.stack([self.single(wav[:length]) for wav, length in zip(wavs, lengths)])
+
+
+class SpecAugment(nn.Module):
+    """One frequency and one time mask per item on the normalised fbank, in training mode only.
+
+    Masked values are 0, the corpus mean after normalisation (ESC-50 and UrbanSound8K: 24 bins, 80 frames).
+    """
+
+    def __init__(self, freq_mask: int = 24, time_mask: int = 80) -> None:
+        super().__init__()
+        self.freq_masking = torchaudio.transforms.FrequencyMasking(freq_mask, iid_masks=True)
+        self.time_masking = torchaudio.transforms.TimeMasking(time_mask, iid_masks=True)
+
+    def forward(self, fbank: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return fbank
+        spectrogram = fbank.transpose(1, 2)[:, None]  # (batch, 1, mel, frames): one mask per item
+        return self.time_masking(self.freq_masking(spectrogram))[:, 0].transpose(1, 2)
 
 
 def adapt_position_grid(grid: torch.Tensor, new_shape: tuple[int, int]) -> torch.Tensor:
@@ -90,6 +112,7 @@ class ASTBackbone(Backbone):
         config = self.model.config
         self.hidden_size = config.hidden_size
         self._set_target_length(target_length)
+        self.spec_augment: SpecAugment | None = None  # set by recipes that train with SpecAugment
         preprocessor = read_preprocessor_config(source)
         self.front_end = FbankFrontEnd(
             target_length, config.num_mel_bins,
@@ -122,10 +145,12 @@ class ASTBackbone(Backbone):
     def encoder(self) -> nn.Module:
         return self.model.layers
 
-    def embed(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None) -> tuple[torch.Tensor, None]:
-        # AST pads in the fbank domain and attends to every token, as it was trained.
-        return self.embed_features(self.front_end(wavs, wav_lens))
+    def embed(self, inputs: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        """Waveforms (batch, samples), or fbank features (batch, frames, mel) computed ahead (feature cache).
 
-    def embed_features(self, fbank: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """Normalised fbank (batch, frames, mel) -> tokens; the entry point for cached features."""
+        AST pads in the fbank domain and attends to every token, as it was trained: no padding mask.
+        """
+        fbank = inputs if inputs.dim() == 3 else self.front_end(inputs, lengths)
+        if self.spec_augment is not None:
+            fbank = self.spec_augment(fbank)
         return self.model.embeddings(fbank), None

@@ -1,6 +1,7 @@
 """Data side of the project: audio reading, manifests, fold protocols, few-shot sampling."""
 
 from petl_modules.data.audio import AudioError, audio_info, read_audio
+from petl_modules.data.feature_cache import FeatureCache
 from petl_modules.data.manifest import (
     CLASSES_FILE,
     OPTIONS_FILE,
@@ -31,6 +32,7 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "AudioError",
     "DataPreparationError",
+    "FeatureCache",
     "assign_splits",
     "audio_info",
     "audio_row",

@@ -1,0 +1,54 @@
+"""Deterministic input features computed once per audio file and kept on disk.
+
+AST's fbank depends only on the file and the front end's settings, so every epoch after the first (and
+every other run sharing the folder) reads it instead of decoding, resampling and transforming the audio.
+Files are written atomically: a run killed mid-write never leaves a truncated feature behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .audio import read_audio
+
+
+class FeatureCache:
+    """`cache(wav_path)` -> features of that file, computed by `extract(waveform)` on first use.
+
+    The folder name hashes `settings` (what the features depend on); a file's entry hashes its path, size
+    and modification time, so changed audio is recomputed.
+    """
+
+    def __init__(self, folder: str | Path, extract: Callable[[torch.Tensor], torch.Tensor], settings: dict) -> None:
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        self.folder = Path(folder) / digest
+        self.extract = extract
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "settings.json").write_text(json.dumps(settings, sort_keys=True, indent=2))
+
+    def path_for(self, wav_path: str | Path) -> Path:
+        stat = os.stat(wav_path)
+        key = f"{Path(wav_path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        return self.folder / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
+
+    def __call__(self, wav_path: str | Path) -> torch.Tensor:
+        cached = self.path_for(wav_path)
+        if cached.is_file():
+            return torch.load(cached)
+        features = self.extract(read_audio(wav_path)).contiguous()
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(features, tmp)
+            os.replace(tmp, cached)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return features
