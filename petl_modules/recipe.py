@@ -16,11 +16,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from io import StringIO
@@ -32,6 +30,7 @@ import torch
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.seed import seed_everything
 
+from .atomic import write_json_atomic
 from .backbones import ASTBackbone, BackboneLoadError
 from .data import AudioError, DataPreparationError, FeatureCache, read_audio, read_classes
 from .hparams_loader import HparamsError, check_overrides, compose, load_hparams, parse_overrides
@@ -75,20 +74,6 @@ def load_recipe(dataset: str) -> DatasetRecipe:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.RECIPE
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def git_revision() -> str | None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .hparams_loader import LIBRARY_HPARAMS, HparamsError, compose, load_hparams
 from .backbones.loading import BackboneLoadError
+from .hparams_loader import LIBRARY_HPARAMS, HparamsError, compose, load_hparams
 from .model import PETLModel
 
 

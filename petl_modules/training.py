@@ -20,7 +20,13 @@ import speechbrain as sb
 import torch
 import torch.nn.functional as F
 from speechbrain.dataio.sampler import ReproducibleRandomSampler
-from speechbrain.utils.checkpoints import Checkpoint, Checkpointer, mark_as_loader, mark_as_saver, register_checkpoint_hooks
+from speechbrain.utils.checkpoints import (
+    Checkpoint,
+    Checkpointer,
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+)
 
 from .backbones.ast import ASTBackbone, SpecAugment
 from .model import PETLModel

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from petl_modules.data.synthetic import make_esc50, make_fsc, make_gsc, make_iemocap, make_urbansound8k  # noqa: E402
-
-from petl_modules.checkpoints import write_random_checkpoint  # noqa: E402
+from petl_modules.checkpoints import write_random_checkpoint
+from petl_modules.data.synthetic import make_esc50, make_fsc, make_gsc, make_iemocap, make_urbansound8k
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("linear", "full_ft", "adapter", "conformer_adapter", "prompt_tuning", "prefix_tuning", "lora", "bitfit",

@@ -8,12 +8,12 @@ import re
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import waveforms, write_checkpoints
 from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, ASTModel, Wav2Vec2Model
 
 from petl_modules.backbones import ASTBackbone, BackboneLoadError, Wav2Vec2Backbone, build_backbone
 from petl_modules.backbones.ast import AUDIOSET_MEAN, AUDIOSET_STD, FbankFrontEnd
 from petl_modules.checkpoints import backbone_config, write_random_checkpoint
-from tiny_models import waveforms, write_checkpoints
 
 # transformers 5.x names -> the 4.x names of the hub checkpoints (ViT layout).
 LEGACY_NAMES = [
@@ -201,9 +201,9 @@ def test_hubert_uses_the_same_injection(tmp_path):
 
 def test_cached_fbank_gives_the_same_logits_and_is_computed_once(checkpoints, tmp_path):
     import soundfile
+    from tiny_models import build_model
 
     from petl_modules.data import FeatureCache, read_audio
-    from tiny_models import build_model
 
     model = build_model(checkpoints["ast"], "adapter", reduction_rate=4).eval()
     front_end = model.backbone.front_end
@@ -225,8 +225,9 @@ def test_cached_fbank_gives_the_same_logits_and_is_computed_once(checkpoints, tm
 
 
 def test_spec_augment_applies_to_cached_features_in_training_only(checkpoints):
-    from petl_modules.training import add_spec_augment
     from tiny_models import build_model
+
+    from petl_modules.training import add_spec_augment
 
     model = build_model(checkpoints["ast"], "linear")
     assert add_spec_augment(model, freq_mask=24, time_mask=80)

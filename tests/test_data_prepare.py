@@ -16,7 +16,6 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from petl_modules.data.synthetic import make_esc50, make_fsc, make_gsc, make_iemocap, make_urbansound8k
 
 from petl_modules.data import (
     CLASSES_FILE,
@@ -26,6 +25,7 @@ from petl_modules.data import (
     read_classes,
     read_manifest,
 )
+from petl_modules.data.synthetic import make_esc50, make_fsc, make_gsc, make_iemocap, make_urbansound8k
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "valid", "test")

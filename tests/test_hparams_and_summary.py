@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import write_checkpoints
 
 from petl_modules.hparams_loader import LIBRARY_HPARAMS, HparamsError, load_hparams
 from petl_modules.summary import main as summary_main
-from tiny_models import write_checkpoints
 
 METHOD_FILES = sorted((LIBRARY_HPARAMS / "methods").glob("*.yaml"))
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-
 from tiny_models import build_model, waveforms, write_checkpoints
 
 D, LAYERS, FFN, CLASSES = 32, 2, 64, 5  # the tiny checkpoints' sizes

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from petl_modules.backbones import build_backbone  # noqa: E402
-from petl_modules.checkpoints import write_random_checkpoint  # noqa: E402
-from petl_modules.methods import METHODS  # noqa: E402
-from petl_modules.model import PETLModel  # noqa: E402
+from petl_modules.backbones import build_backbone
+from petl_modules.checkpoints import write_random_checkpoint
+from petl_modules.methods import METHODS
+from petl_modules.model import PETLModel
 
 # Kinds of tiny checkpoints: post-LN Wav2Vec2 with a GroupNorm CNN (like base) and a pre-LN one with a
 # LayerNorm CNN (like large, fully padding-invariant).

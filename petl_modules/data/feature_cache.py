@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_path
 from .audio import read_audio
 
 
@@ -43,12 +43,6 @@ class FeatureCache:
         if cached.is_file():
             return torch.load(cached)
         features = self.extract(read_audio(wav_path)).contiguous()
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(cached) as tmp:
             torch.save(features, tmp)
-            os.replace(tmp, cached)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return features

@@ -13,11 +13,11 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from petl_modules.atomic import write_text_atomic
 from petl_modules.data.audio import audio_info
 
 __all__ = [
@@ -43,24 +43,6 @@ OPTIONS_FILE = "prepare_options.json"
 
 class DataPreparationError(ValueError):
     """The dataset on disk does not match what a preparation expects."""
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` so that readers never see a truncated file.
-
-    A temp file in the same folder is renamed over ``path`` with ``os.replace``,
-    which is atomic: another DDP rank reads either the old or the new file.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
@@ -90,7 +72,7 @@ def write_manifest(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -
         seen.add(row["ID"])
         writer.writerow(row)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
     return path
 
 
@@ -203,11 +185,11 @@ def prepare_once(
             raise DataPreparationError(f"split {split!r} is empty; nothing to write in {folder}")
         manifests[split] = write_manifest(folder / f"{split}.csv", rows)
         labels.update(str(row["label"]) for row in rows)
-    _atomic_write_text(folder / CLASSES_FILE, "".join(f"{label}\n" for label in sorted(labels)))
+    write_text_atomic(folder / CLASSES_FILE, "".join(f"{label}\n" for label in sorted(labels)))
     record = {
         "options": wanted,
         "manifests": {split: path.name for split, path in manifests.items()},
         "files": [path.name for path in manifests.values()] + [CLASSES_FILE],
     }
-    _atomic_write_text(folder / OPTIONS_FILE, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(folder / OPTIONS_FILE, json.dumps(record, indent=2) + "\n")
     return manifests

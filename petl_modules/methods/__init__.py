@@ -1,6 +1,6 @@
 """The tuning methods. Each is a small option object whose `apply(backbone)` injects its modules."""
 
-from .adapter import Adapter, AdaptedSublayer
+from .adapter import AdaptedSublayer, Adapter
 from .base import Method, PETLModule
 from .blocks import BottleneckBlock, ConformerBlock
 from .lora import LoRA, LoRALinear
