@@ -67,7 +67,10 @@ class PETLModel(nn.Module):
             self.head.norm.requires_grad_(train_final_norm)
 
     def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """Waveforms (batch, samples) at 16 kHz, SpeechBrain relative lengths -> logits (batch, classes)."""
+        """Waveforms (batch, samples) at 16 kHz, SpeechBrain relative lengths -> logits (batch, classes).
+
+        AST also takes its fbank features (batch, frames, mel), as the feature cache provides them.
+        """
         tokens, mask = self.backbone(wavs, wav_lens)
         if self.backbone.final_norm is not None:
             tokens = self.backbone.final_norm(tokens)

@@ -30,7 +30,7 @@ import torch
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.seed import seed_everything
 
-from .atomic import write_json_atomic
+from .atomic import write_json_atomic, write_text_atomic
 from .backbones import ASTBackbone, BackboneLoadError
 from .data import AudioError, DataPreparationError, FeatureCache, read_audio, read_classes
 from .hparams_loader import HparamsError, check_overrides, compose, load_hparams, parse_overrides
@@ -132,8 +132,7 @@ def _dump_hparams(param_file: str, overrides: Mapping, path: Path) -> None:
     tree.update(overrides)
     stream = StringIO()
     ruamel.yaml.YAML().dump(tree, stream)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(stream.getvalue())
+    write_text_atomic(path, stream.getvalue())
 
 
 def input_loader(hparams: Mapping, default_cache_folder: Path) -> Callable[[str], torch.Tensor]:
