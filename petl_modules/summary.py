@@ -2,14 +2,15 @@
 
     python -m petl_modules.summary HPARAMS.yaml [--key=value ...] [--json]
 
-A method block alone (petl_modules/hparams/methods/*.yaml) is completed with the library's model block,
-so `--backbone=wav2vec2 --backbone_source=DIR` works on it as on a recipe's file.
+Works on a recipe's file (recipes/<DS>/hparams/<method>.yaml, no data needed) and on a method block alone
+(petl_modules/hparams/methods/*.yaml), which is completed with the library's model block.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 
 from .backbones.loading import BackboneLoadError
 from .hparams_loader import LIBRARY_HPARAMS, HparamsError, compose, load_hparams
@@ -52,10 +53,19 @@ def split_arguments(argv: list[str]) -> tuple[str, dict, bool]:
 
 
 def load_hparams_with_model(path: str, overrides: dict) -> dict:
-    """The hyperparameters of `path`, completed with the library's model block when it has no model."""
-    defaults = () if "model" in compose(path) else (LIBRARY_HPARAMS / "model.yaml",)
-    yaml_overrides = "\n".join(f"{key}: {value}" for key, value in overrides.items())
-    return load_hparams(path, yaml_overrides, defaults=defaults)
+    """The hyperparameters of `path`, completed with the library's model block when it has no model.
+
+    A recipe's placeholders (data and output folders) point to a scratch folder: no data is needed, and
+    whatever the file builds besides the model (checkpointer, loggers) writes nothing that outlives us.
+    """
+    tree = compose(path)
+    defaults = () if "model" in tree else (LIBRARY_HPARAMS / "model.yaml",)
+    placeholders = [key for key, node in tree.items()
+                    if getattr(getattr(node, "tag", None), "value", None) == "!PLACEHOLDER" and key not in overrides]
+    with tempfile.TemporaryDirectory() as scratch:
+        values = {**{key: scratch for key in placeholders}, **overrides}
+        yaml_overrides = "\n".join(f"{key}: {value}" for key, value in values.items())
+        return load_hparams(path, yaml_overrides, defaults=defaults)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,6 +79,18 @@ def test_summary_json_for_every_method_file_on_both_backbones(checkpoints, capsy
     assert summary["head_params"] == 32 * 10 + 10
 
 
+@pytest.mark.parametrize("dataset", ["FSC", "ESC50", "UrbanSound8K", "GSC", "IEMOCAP"])
+def test_summary_of_a_recipe_file_needs_no_data(checkpoints, capsys, tmp_path, monkeypatch, dataset):
+    monkeypatch.chdir(tmp_path)
+    path = REPO / "recipes" / dataset / "hparams" / "conformer_adapter.yaml"
+    assert summary_main([str(path), f"--backbone_source={checkpoints['ast']}", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    classes = {"FSC": 31, "ESC50": 50, "UrbanSound8K": 10, "GSC": 35, "IEMOCAP": 4}[dataset]
+    assert summary["method"] == "conformer_adapter"
+    assert summary["head_params"] == 32 * classes + classes
+    assert list(tmp_path.iterdir()) == []  # nothing written where it ran
+
+
 def test_summary_reports_bad_input_in_one_line(checkpoints, capsys):
     code = summary_main([str(METHOD_FILES[0]), f"--backbone_source={checkpoints['ast']}", "--reduction_rat=4"])
     assert code == 2
