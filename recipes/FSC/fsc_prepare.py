@@ -28,14 +28,8 @@ def _collect(root: Path) -> dict[str, list[dict[str, Any]]]:
         tables[split] = (listed_in, read_metadata_csv(listed_in, DATASET, COLUMNS, EXPECTED))
     return {
         split: [
-            audio_row(
-                DATASET,
-                listed_in,
-                Path(item["path"]).stem,
-                root / item["path"],
-                f"{item['action']}_{item['object']}_{item['location']}",
-                speaker=item["speakerId"],
-            )
+            audio_row(DATASET, listed_in, Path(item["path"]).stem, root / item["path"],
+                      f"{item['action']}_{item['object']}_{item['location']}", speaker=item["speakerId"])
             for item in items
         ]
         for split, (listed_in, items) in tables.items()
@@ -49,15 +43,8 @@ def prepare_fsc(
     seed: int = 10,
 ) -> dict[str, Path]:
     """Write (or reuse) FSC manifests in ``save_folder``; returns ``{split: csv path}``."""
-    return prepare_dataset(
-        DATASET,
-        data_folder,
-        save_folder,
-        EXPECTED,
-        _collect,
-        few_shot_samples=few_shot_samples,
-        seed=seed,
-    )
+    return prepare_dataset(DATASET, data_folder, save_folder, EXPECTED, _collect,
+                           few_shot_samples=few_shot_samples, seed=seed)
 
 
 if __name__ == "__main__":

@@ -73,15 +73,8 @@ def prepare_gsc(
     seed: int = 10,
 ) -> dict[str, Path]:
     """Write (or reuse) GSC v2 manifests in ``save_folder``; returns ``{split: csv path}``."""
-    return prepare_dataset(
-        DATASET,
-        data_folder,
-        save_folder,
-        EXPECTED,
-        _collect,
-        few_shot_samples=few_shot_samples,
-        seed=seed,
-    )
+    return prepare_dataset(DATASET, data_folder, save_folder, EXPECTED, _collect,
+                           few_shot_samples=few_shot_samples, seed=seed)
 
 
 if __name__ == "__main__":

@@ -60,14 +60,7 @@ def _session_rows(root: Path, session: int) -> list[dict[str, Any]]:
                 )
             wav = folder / "sentences" / "wav" / listed_in.stem / f"{utt_id}.wav"
             rows.append(
-                audio_row(
-                    DATASET,
-                    listed_in,
-                    utt_id,
-                    wav,
-                    LABELS[emotion],
-                    speaker=f"Ses0{session}{gender}",
-                )
+                audio_row(DATASET, listed_in, utt_id, wav, LABELS[emotion], speaker=f"Ses0{session}{gender}")
             )
     return rows
 
@@ -86,16 +79,8 @@ def prepare_iemocap(
         rows = [row for session in range(1, 6) for row in _session_rows(root, session)]
         return assign_splits(rows, "speaker", plan, str(root))
 
-    return prepare_dataset(
-        DATASET,
-        data_folder,
-        save_folder,
-        EXPECTED,
-        collect,
-        fold=fold,
-        few_shot_samples=few_shot_samples,
-        seed=seed,
-    )
+    return prepare_dataset(DATASET, data_folder, save_folder, EXPECTED, collect, fold=fold,
+                           few_shot_samples=few_shot_samples, seed=seed)
 
 
 if __name__ == "__main__":

@@ -46,28 +46,15 @@ def prepare_urbansound8k(
             listed_in, DATASET, ("slice_file_name", "fold", "class"), EXPECTED
         )
         rows = [
-            audio_row(
-                DATASET,
-                listed_in,
-                Path(item["slice_file_name"]).stem,
-                root / "audio" / f"fold{item['fold']}" / item["slice_file_name"],
-                item["class"],
-                fold=item["fold"],
-            )
+            audio_row(DATASET, listed_in, Path(item["slice_file_name"]).stem,
+                      root / "audio" / f"fold{item['fold']}" / item["slice_file_name"], item["class"],
+                      fold=item["fold"])
             for item in items
         ]
         return assign_splits(rows, "fold", plan, str(listed_in))
 
-    return prepare_dataset(
-        DATASET,
-        data_folder,
-        save_folder,
-        EXPECTED,
-        collect,
-        fold=fold,
-        few_shot_samples=few_shot_samples,
-        seed=seed,
-    )
+    return prepare_dataset(DATASET, data_folder, save_folder, EXPECTED, collect, fold=fold,
+                           few_shot_samples=few_shot_samples, seed=seed)
 
 
 if __name__ == "__main__":
