@@ -203,7 +203,7 @@ def test_cached_fbank_gives_the_same_logits_and_is_computed_once(checkpoints, tm
     import soundfile
     from tiny_models import build_model
 
-    from petl_modules.data import FeatureCache, read_audio
+    from petl_modules.data import AudioError, FeatureCache, read_audio
 
     model = build_model(checkpoints["ast"], "adapter", reduction_rate=4).eval()
     front_end = model.backbone.front_end
@@ -222,6 +222,8 @@ def test_cached_fbank_gives_the_same_logits_and_is_computed_once(checkpoints, tm
         torch.testing.assert_close(model(features), model(wavs, torch.tensor([1.0, 0.6])))
     other = FeatureCache(tmp_path / "cache", front_end.single, {**front_end.settings(), "target_length": 50})
     assert other.folder != cache.folder  # other settings never read these features
+    with pytest.raises(AudioError, match=r"missing\.wav: audio file not found"):
+        cache(tmp_path / "missing.wav")
 
 
 def test_spec_augment_applies_to_cached_features_in_training_only(checkpoints):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_json_atomic
 from .audio import read_audio
 
 
@@ -30,8 +30,7 @@ class FeatureCache:
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         self.folder = Path(folder) / digest
         self.extract = extract
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "settings.json").write_text(json.dumps(settings, sort_keys=True, indent=2))
+        write_json_atomic(self.folder / "settings.json", settings)  # says what these features are
 
     def path_for(self, wav_path: str | Path) -> Path:
         stat = os.stat(wav_path)
@@ -39,6 +38,8 @@ class FeatureCache:
         return self.folder / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
 
     def __call__(self, wav_path: str | Path) -> torch.Tensor:
+        if not os.path.isfile(wav_path):
+            read_audio(wav_path)  # raises the AudioError that names the file
         cached = self.path_for(wav_path)
         if cached.is_file():
             return torch.load(cached)

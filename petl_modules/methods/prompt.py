@@ -67,7 +67,11 @@ class PrefixKeysValues(PETLModule):
 
 
 class PrefixAttention(nn.Module):
-    """The frozen attention's projections, with learned keys and values prepended to its own."""
+    """The frozen attention's projections, with learned keys and values prepended to its own.
+
+    Padding comes from the backbone's `ForwardState` (prefixes are never padding), not from the mask the
+    Hugging Face layer passes, whose format depends on the attention implementation.
+    """
 
     def __init__(self, attention: nn.Module, projection_names: dict[str, str], num_heads: int,
                  prefix: PrefixKeysValues, state: ForwardState) -> None:
