@@ -16,7 +16,7 @@ TARGET_LENGTH = 50  # AST frames: 4 time columns x 12 frequency rows
 DATASETS = {
     "FSC": (lambda root: make_fsc(root, num_classes=4, n_per_class=2), 4, []),
     "GSC": (lambda root: make_gsc(root, num_words=4, n_per_class=2), 4, []),
-    "ESC50": (lambda root: make_esc50(root, num_classes=3, n_per_fold=1), 3, ["--fold=1"]),
+    "ESC50": (lambda root: make_esc50(root, num_classes=3, n_per_fold=2), 3, ["--fold=1"]),
     "UrbanSound8K": (lambda root: make_urbansound8k(root, num_classes=3, n_per_fold=1), 3, ["--fold=2"]),
     "IEMOCAP": (lambda root: make_iemocap(root, n_per_class=1, dialogs_per_session=1), 4,
                 ["--fold=3", "--few_shot_samples=2"]),
