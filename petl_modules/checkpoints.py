@@ -16,8 +16,13 @@ from transformers import ASTConfig, ASTModel, HubertConfig, HubertModel, Wav2Vec
 from .backbones.ast import AUDIOSET_MEAN, AUDIOSET_STD
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-TINY_CNN = dict(conv_dim=(32, 32), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
-                num_conv_pos_embedding_groups=4)
+TINY_CNN = dict(
+    conv_dim=(32, 32),
+    conv_stride=(5, 4),
+    conv_kernel=(10, 8),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=4,
+)
 
 
 def backbone_config(kind: str, size: str = "tiny", **overrides):
@@ -48,10 +53,16 @@ def write_random_checkpoint(kind: str, folder: str | Path, size: str = "tiny", s
             model.embeddings.distillation_token.normal_(std=0.02)
     model.save_pretrained(folder)
     preprocessor = (
-        {"feature_extractor_type": "ASTFeatureExtractor", "mean": AUDIOSET_MEAN, "std": AUDIOSET_STD,
-         "sampling_rate": 16000, "num_mel_bins": config.num_mel_bins, "max_length": config.max_length}
-        if kind == "ast" else
-        {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "do_normalize": True, "sampling_rate": 16000}
+        {
+            "feature_extractor_type": "ASTFeatureExtractor",
+            "mean": AUDIOSET_MEAN,
+            "std": AUDIOSET_STD,
+            "sampling_rate": 16000,
+            "num_mel_bins": config.num_mel_bins,
+            "max_length": config.max_length,
+        }
+        if kind == "ast"
+        else {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "do_normalize": True, "sampling_rate": 16000}
     )
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return folder

@@ -26,20 +26,22 @@ NUM_WORDS = 6
 
 def results_table(results: dict[str, dict]) -> str:
     """A Markdown table: one row per method."""
-    lines = ["| method | trainable params | % of backbone | valid accuracy | test accuracy |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | trainable params | % of backbone | valid accuracy | test accuracy |", "|---|---|---|---|---|"]
     for method, summary in results.items():
         parameters = summary["parameters"]
-        lines.append(f"| {method} | {parameters['trainable']:,} | {parameters['trainable_percent']:.2f} % | "
-                     f"{summary['mean']['valid']['accuracy']:.3f} | {summary['mean']['test']['accuracy']:.3f} |")
+        lines.append(
+            f"| {method} | {parameters['trainable']:,} | {parameters['trainable_percent']:.2f} % | "
+            f"{summary['mean']['valid']['accuracy']:.3f} | {summary['mean']['test']['accuracy']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_folder", default="demo_output")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help="comma-separated method files of recipes/GSC/hparams")
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method files of recipes/GSC/hparams"
+    )
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here comes from the hub
@@ -59,17 +61,28 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods.split(","):
             hparams = REPO_ROOT / "recipes" / "GSC" / "hparams" / f"{method}.yaml"
             print(f"[demo] {method} ...", flush=True)
-            results[method] = run(recipe, [
-                str(hparams), f"--data_folder={data_folder}", f"--output_folder={output / 'runs' / method}",
-                f"--backbone_source={backbone}", f"--num_classes={NUM_WORDS}", f"--number_of_epochs={args.epochs}",
-                "--batch_size=8", "--num_workers=0", "--device=cpu", "--noprogressbar",
-            ])
+            results[method] = run(
+                recipe,
+                [
+                    str(hparams),
+                    f"--data_folder={data_folder}",
+                    f"--output_folder={output / 'runs' / method}",
+                    f"--backbone_source={backbone}",
+                    f"--num_classes={NUM_WORDS}",
+                    f"--number_of_epochs={args.epochs}",
+                    "--batch_size=8",
+                    "--num_workers=0",
+                    "--device=cpu",
+                    "--noprogressbar",
+                ],
+            )
     except USER_ERRORS as error:
         print(f"demo: error: {error}", file=sys.stderr)
         return 1
     table = results_table(results)
     (output / "results.md").write_text(
-        f"Synthetic keywords ({NUM_WORDS} words), tiny random-weight AST, {args.epochs} epochs.\n\n{table}\n")
+        f"Synthetic keywords ({NUM_WORDS} words), tiny random-weight AST, {args.epochs} epochs.\n\n{table}\n"
+    )
     print(table)
     print(f"\n[demo] runs, logs and results.json files under {output}")
     return 0

@@ -73,8 +73,7 @@ def check_overrides(tree: dict, overrides: dict, path: str | Path) -> None:
         raise HparamsError(f"unknown option --{unknown[0]}: not a key of {path} or of the files it extends")
 
 
-def load_hparams(path: str | Path, overrides: str | dict | None = None,
-                 defaults: tuple[str | Path, ...] = ()) -> dict:
+def load_hparams(path: str | Path, overrides: str | dict | None = None, defaults: tuple[str | Path, ...] = ()) -> dict:
     """Compose `defaults` then `path`, apply `overrides` (a dict or SpeechBrain's YAML string), resolve.
 
     Returns the loaded hyperparameters (objects instantiated), as `load_hyperpyyaml` does.

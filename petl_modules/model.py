@@ -50,8 +50,9 @@ class PETLModel(nn.Module):
     method's modules follow `train()`; only full fine-tuning runs the backbone in training mode.
     """
 
-    def __init__(self, backbone: Backbone, method: Method, num_classes: int, pooling: str = "mean",
-                 train_final_norm: bool = True) -> None:
+    def __init__(
+        self, backbone: Backbone, method: Method, num_classes: int, pooling: str = "mean", train_final_norm: bool = True
+    ) -> None:
         super().__init__()
         if pooling in ("cls", "cls_dist") and backbone.num_special_tokens < (1 if pooling == "cls" else 2):
             raise ValueError(f"pooling '{pooling}' needs [CLS]/[DIST] tokens, which {type(backbone).__name__} has not")
@@ -61,8 +62,9 @@ class PETLModel(nn.Module):
         method.apply(backbone)
         if backbone.final_norm is not None and flag("train_final_norm", train_final_norm):
             backbone.final_norm.requires_grad_(True)
-        self.head = ClassificationHead(backbone.hidden_size, num_classes, pooling,
-                                       with_norm=backbone.final_norm is None)
+        self.head = ClassificationHead(
+            backbone.hidden_size, num_classes, pooling, with_norm=backbone.final_norm is None
+        )
         if self.head.norm is not None:
             self.head.norm.requires_grad_(train_final_norm)
 

@@ -79,10 +79,16 @@ def load_recipe(dataset: str) -> DatasetRecipe:
 def git_revision() -> str | None:
     """The commit of this checkout (with `+dirty` when modified), None outside a git checkout."""
     try:
-        revision = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
-                                  text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        revision = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return revision + ("+dirty" if dirty else "")
@@ -97,12 +103,15 @@ def select_folds(recipe: DatasetRecipe, fold: object) -> list[int | None]:
     if fold == "all":
         return list(recipe.folds)
     if not isinstance(fold, int) or isinstance(fold, bool) or fold not in recipe.folds:
-        raise RecipeError(f"--fold: {recipe.name} folds are {recipe.folds[0]}..{recipe.folds[-1]} or 'all'; got {fold!r}")
+        raise RecipeError(
+            f"--fold: {recipe.name} folds are {recipe.folds[0]}..{recipe.folds[-1]} or 'all'; got {fold!r}"
+        )
     return [fold]
 
 
-def build_datasets(manifests: Mapping[str, Path], classes: Sequence[str],
-                   load: Callable[[str], torch.Tensor] = read_audio) -> dict[str, DynamicItemDataset]:
+def build_datasets(
+    manifests: Mapping[str, Path], classes: Sequence[str], load: Callable[[str], torch.Tensor] = read_audio
+) -> dict[str, DynamicItemDataset]:
     """Manifests -> datasets yielding `sig` and `label_index` (position in classes.txt).
 
     `sig` is what `load` returns for the item's file: the 16 kHz waveform, or cached features.
@@ -120,8 +129,9 @@ def build_datasets(manifests: Mapping[str, Path], classes: Sequence[str],
         return index[label]
 
     return {
-        split: DynamicItemDataset.from_csv(str(path), dynamic_items=[audio_pipeline, label_pipeline],
-                                           output_keys=["id", "sig", "label_index"])
+        split: DynamicItemDataset.from_csv(
+            str(path), dynamic_items=[audio_pipeline, label_pipeline], output_keys=["id", "sig", "label_index"]
+        )
         for split, path in manifests.items()
     }
 
@@ -144,8 +154,16 @@ def input_loader(hparams: Mapping, default_cache_folder: Path) -> Callable[[str]
     return FeatureCache(folder, backbone.front_end.single, backbone.front_end.settings())
 
 
-def run_fold(recipe: DatasetRecipe, param_file: str, run_opts, overrides: Mapping, fold: int | None,
-             run_folder: Path, output_folder: Path, seed: int) -> dict:
+def run_fold(
+    recipe: DatasetRecipe,
+    param_file: str,
+    run_opts,
+    overrides: Mapping,
+    fold: int | None,
+    run_folder: Path,
+    output_folder: Path,
+    seed: int,
+) -> dict:
     """Train, select on validation, test with the selected checkpoint; returns this fold's results.
 
     The seed is set before the model is built, so every fold starts from the same initialisation.
@@ -156,25 +174,45 @@ def run_fold(recipe: DatasetRecipe, param_file: str, run_opts, overrides: Mappin
     _dump_hparams(param_file, {**overrides, "output_folder": str(run_folder)}, run_folder / "hyperparams.yaml")
 
     fold_args = {} if fold is None else {"fold": fold}
-    manifests = recipe.prepare(data_folder=hparams["data_folder"], save_folder=output_folder / MANIFESTS,
-                               few_shot_samples=hparams["few_shot_samples"], seed=hparams["seed"], **fold_args)
+    manifests = recipe.prepare(
+        data_folder=hparams["data_folder"],
+        save_folder=output_folder / MANIFESTS,
+        few_shot_samples=hparams["few_shot_samples"],
+        seed=hparams["seed"],
+        **fold_args,
+    )
     classes = read_classes(Path(manifests["train"]).parent / "classes.txt")
     if len(classes) != hparams["num_classes"]:
-        raise RecipeError(f"num_classes is {hparams['num_classes']} but the prepared {recipe.name} data has "
-                          f"{len(classes)} classes; set --num_classes={len(classes)}")
+        raise RecipeError(
+            f"num_classes is {hparams['num_classes']} but the prepared {recipe.name} data has "
+            f"{len(classes)} classes; set --num_classes={len(classes)}"
+        )
     datasets = build_datasets(manifests, classes, input_loader(hparams, output_folder / FEATURE_CACHE))
 
     model = hparams["model"]
     if hparams["spec_augment"]:
         add_spec_augment(model, hparams["freq_mask"], hparams["time_mask"])
-    brain = PETLBrain(modules={"model": model}, opt_class=hparams["opt_class"], hparams=hparams,
-                      run_opts=run_opts, checkpointer=hparams["checkpointer"], metrics=recipe.metrics,
-                      extra_loggers=extra_train_loggers(hparams))
+    brain = PETLBrain(
+        modules={"model": model},
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+        metrics=recipe.metrics,
+        extra_loggers=extra_train_loggers(hparams),
+    )
     train_loader = brain.make_train_loader(datasets["train"])
-    brain.fit(hparams["epoch_counter"], train_loader, datasets["valid"],
-              valid_loader_kwargs=hparams["test_dataloader_options"])
-    brain.evaluate(datasets["test"], max_key=hparams["selection_metric"],
-                   test_loader_kwargs=dict(hparams["test_dataloader_options"]))
+    brain.fit(
+        hparams["epoch_counter"],
+        train_loader,
+        datasets["valid"],
+        valid_loader_kwargs=hparams["test_dataloader_options"],
+    )
+    brain.evaluate(
+        datasets["test"],
+        max_key=hparams["selection_metric"],
+        test_loader_kwargs=dict(hparams["test_dataloader_options"]),
+    )
     best = brain.best_checkpoint()
     groups = model.trainable_parameter_groups()
     return {
@@ -184,8 +222,11 @@ def run_fold(recipe: DatasetRecipe, param_file: str, run_opts, overrides: Mappin
         "test": brain.test_stats,
         "classes": classes,
         "train_items": len(datasets["train"]),
-        "parameters": {"trainable": sum(groups.values()), "trainable_groups": groups,
-                       "backbone": model.backbone_parameters()},
+        "parameters": {
+            "trainable": sum(groups.values()),
+            "trainable_groups": groups,
+            "backbone": model.backbone_parameters(),
+        },
     }
 
 
@@ -236,8 +277,9 @@ def run(recipe: DatasetRecipe, argv: Sequence[str] | None = None) -> dict:
     overrides = parse_overrides(override_text)
     tree = compose(param_file)
     check_overrides(tree, overrides, param_file)  # before any model is built
-    settings = {key: _plain(value) for key, value in {**tree, **overrides}.items()
-                if not isinstance(value, (Mapping, list))}
+    settings = {
+        key: _plain(value) for key, value in {**tree, **overrides}.items() if not isinstance(value, (Mapping, list))
+    }
     for required in ("data_folder", "output_folder"):
         if required not in overrides:
             raise RecipeError(f"--{required}=DIR is required")
@@ -256,8 +298,9 @@ def run(recipe: DatasetRecipe, argv: Sequence[str] | None = None) -> dict:
             logger.info("%s: fold %s already finished (%s), skipped", recipe.name, key, done)
             results[key] = json.loads(done.read_text())
             continue
-        results[key] = run_fold(recipe, param_file, run_opts, overrides, fold, run_folder, output_folder,
-                                 int(settings["seed"]))
+        results[key] = run_fold(
+            recipe, param_file, run_opts, overrides, fold, run_folder, output_folder, int(settings["seed"])
+        )
         if not debug:  # debug runs use throw-away checkpoints: never mark them finished
             write_json_atomic(done, results[key])
     for other in recipe.folds:  # folds finished by other invocations (e.g. one job per fold)

@@ -60,8 +60,11 @@ def load_hparams_with_model(path: str, overrides: dict) -> dict:
     """
     tree = compose(path)
     defaults = () if "model" in tree else (LIBRARY_HPARAMS / "model.yaml",)
-    placeholders = [key for key, node in tree.items()
-                    if getattr(getattr(node, "tag", None), "value", None) == "!PLACEHOLDER" and key not in overrides]
+    placeholders = [
+        key
+        for key, node in tree.items()
+        if getattr(getattr(node, "tag", None), "value", None) == "!PLACEHOLDER" and key not in overrides
+    ]
     with tempfile.TemporaryDirectory() as scratch:
         values = {**{key: scratch for key in placeholders}, **overrides}
         yaml_overrides = "\n".join(f"{key}: {value}" for key, value in values.items())
@@ -83,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  backbone parameters   {summary['backbone_params']:>12,}")
     for group in ("method", "final_norm", "head"):
         print(f"  trainable: {group:<10} {summary[group + '_params']:>12,}")
-    print(f"  trainable in all      {summary['trainable_params']:>12,}  "
-          f"({summary['trainable_percent']:.3f} % of the backbone; method alone {summary['method_percent']:.3f} %)")
+    print(
+        f"  trainable in all      {summary['trainable_params']:>12,}  "
+        f"({summary['trainable_percent']:.3f} % of the backbone; method alone {summary['method_percent']:.3f} %)"
+    )
     return 0
 
 

@@ -38,6 +38,7 @@ MetricFn = Callable[[torch.Tensor], float]
 
 # --- metrics ------------------------------------------------------------------------------------
 
+
 def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(num_classes, num_classes) counts; row = true class, column = predicted class."""
     flat = targets.long() * num_classes + predictions.long()
@@ -75,6 +76,7 @@ BASE_METRICS: dict[str, MetricFn] = {"accuracy": accuracy, "macro_f1": macro_f1}
 
 
 # --- checkpointing ------------------------------------------------------------------------------
+
 
 @register_checkpoint_hooks
 class TrainableState:
@@ -127,19 +129,30 @@ class AtomicCheckpointer(Checkpointer):
         super().__init__(checkpoints_dir, *args, **kwargs)
         shutil.rmtree(Path(checkpoints_dir) / self.STAGING, ignore_errors=True)
 
-    def save_checkpoint(self, meta: Mapping | None = None, end_of_epoch: bool = True, name: str | None = None,
-                        verbosity: int = logging.INFO) -> Checkpoint:
+    def save_checkpoint(
+        self,
+        meta: Mapping | None = None,
+        end_of_epoch: bool = True,
+        name: str | None = None,
+        verbosity: int = logging.INFO,
+    ) -> Checkpoint:
         final_dir = self._custom_checkpoint_dirpath(name) if name else self._new_checkpoint_dirpath()
         root = self.checkpoints_dir
         self.checkpoints_dir = root / self.STAGING
         try:
-            staged = super().save_checkpoint(meta=dict(meta or {}), end_of_epoch=end_of_epoch,
-                                             name=final_dir.name.split("+", 1)[1], verbosity=logging.DEBUG)
+            staged = super().save_checkpoint(
+                meta=dict(meta or {}),
+                end_of_epoch=end_of_epoch,
+                name=final_dir.name.split("+", 1)[1],
+                verbosity=logging.DEBUG,
+            )
         finally:
             self.checkpoints_dir = root
         os.replace(staged.path, final_dir)
         logger.log(verbosity, "Saved a checkpoint in %s", final_dir)
-        return Checkpoint(final_dir, staged.meta, {key: final_dir / path.name for key, path in staged.paramfiles.items()})
+        return Checkpoint(
+            final_dir, staged.meta, {key: final_dir / path.name for key, path in staged.paramfiles.items()}
+        )
 
 
 @register_checkpoint_hooks
@@ -186,6 +199,7 @@ class CosineSchedule:
 
 # --- SpecAugment --------------------------------------------------------------------------------
 
+
 def add_spec_augment(model: PETLModel, freq_mask: int, time_mask: int) -> bool:
     """SpecAugment on AST's fbank during training; False (unchanged) for waveform backbones."""
     if not isinstance(model.backbone, ASTBackbone):
@@ -197,6 +211,7 @@ def add_spec_augment(model: PETLModel, freq_mask: int, time_mask: int) -> bool:
 
 # --- the Brain ----------------------------------------------------------------------------------
 
+
 class PETLBrain(sb.Brain):
     """Cross-entropy classification with a PETLModel in `modules["model"]`.
 
@@ -206,8 +221,9 @@ class PETLBrain(sb.Brain):
     `warmup_steps`, `selection_metric`, `train_logger`, `train_dataloader_options`.
     """
 
-    def __init__(self, *args, metrics: Mapping[str, MetricFn] | None = None, extra_loggers: tuple = (),
-                 **kwargs) -> None:
+    def __init__(
+        self, *args, metrics: Mapping[str, MetricFn] | None = None, extra_loggers: tuple = (), **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.metrics = dict(metrics or BASE_METRICS)
         self.extra_loggers = extra_loggers
@@ -222,8 +238,7 @@ class PETLBrain(sb.Brain):
         """A checkpointable loader whose order depends on the seed and the epoch only (resumable)."""
         sampler = ReproducibleRandomSampler(dataset, seed=self.hparams.seed)
         self.train_sampler = sampler  # fit() calls set_epoch on it
-        loader = self.make_dataloader(dataset, sb.Stage.TRAIN, sampler=sampler,
-                                      **self.hparams.train_dataloader_options)
+        loader = self.make_dataloader(dataset, sb.Stage.TRAIN, sampler=sampler, **self.hparams.train_dataloader_options)
         self.steps_per_epoch = len(loader)
         return loader
 
@@ -269,10 +284,12 @@ class PETLBrain(sb.Brain):
             return
         stats = self.stage_metrics(stage_loss)
         if stage == sb.Stage.VALID:
-            self._log({"epoch": epoch, "lr": self.lr_schedule.lr}, train_stats={"loss": self.train_loss},
-                      valid_stats=stats)
-            self.checkpointer.save_and_keep_only(meta={**stats, "epoch": epoch},
-                                                 max_keys=[self.hparams.selection_metric], num_to_keep=1)
+            self._log(
+                {"epoch": epoch, "lr": self.lr_schedule.lr}, train_stats={"loss": self.train_loss}, valid_stats=stats
+            )
+            self.checkpointer.save_and_keep_only(
+                meta={**stats, "epoch": epoch}, max_keys=[self.hparams.selection_metric], num_to_keep=1
+            )
         else:
             best = self.best_checkpoint()
             self._log({"epoch chosen": best.meta["epoch"] if best else None}, test_stats=stats)
@@ -289,6 +306,7 @@ def extra_train_loggers(hparams: Mapping) -> tuple:
     if hparams.get("use_tensorboard"):
         try:
             from speechbrain.utils.train_logger import TensorboardLogger
+
             loggers.append(TensorboardLogger(save_dir=str(Path(hparams["output_folder"]) / "tensorboard")))
         except ImportError as error:
             raise RuntimeError(f"--use_tensorboard=True needs the tensorboard package ({error})") from None
@@ -305,13 +323,22 @@ class WandbLogger:
             import wandb
         except ImportError:
             raise RuntimeError("--use_wandb=True needs the wandb package (pip install wandb)") from None
-        self.run = wandb.init(project=hparams.get("wandb_project"), dir=str(hparams["output_folder"]),
-                              name=f"{hparams['method_name']}-{hparams['backbone']}-{Path(hparams['output_folder']).name}",
-                              config={k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))},
-                              reinit=True)
+        self.run = wandb.init(
+            project=hparams.get("wandb_project"),
+            dir=str(hparams["output_folder"]),
+            name=f"{hparams['method_name']}-{hparams['backbone']}-{Path(hparams['output_folder']).name}",
+            config={k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))},
+            reinit=True,
+        )
 
-    def log_stats(self, stats_meta: dict, train_stats: dict | None = None, valid_stats: dict | None = None,
-                  test_stats: dict | None = None, verbose: bool = False) -> None:
+    def log_stats(
+        self,
+        stats_meta: dict,
+        train_stats: dict | None = None,
+        valid_stats: dict | None = None,
+        test_stats: dict | None = None,
+        verbose: bool = False,
+    ) -> None:
         record = dict(stats_meta)
         for prefix, stats in (("train", train_stats), ("valid", valid_stats), ("test", test_stats)):
             record.update({f"{prefix}/{key}": value for key, value in (stats or {}).items()})

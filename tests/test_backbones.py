@@ -60,12 +60,15 @@ def test_checkpoint_with_transformers_4_names_loads_with_no_missing_key(tmp_path
     layer = backbone.model.layers[1]
     torch.testing.assert_close(
         layer.attention.q_proj.weight,
-        legacy["audio_spectrogram_transformer.encoder.layer.1.attention.attention.query.weight"])
+        legacy["audio_spectrogram_transformer.encoder.layer.1.attention.attention.query.weight"],
+    )
     torch.testing.assert_close(
-        layer.mlp.fc2.bias, legacy["audio_spectrogram_transformer.encoder.layer.1.output.dense.bias"])
+        layer.mlp.fc2.bias, legacy["audio_spectrogram_transformer.encoder.layer.1.output.dense.bias"]
+    )
     torch.testing.assert_close(
         backbone.model.embeddings.position_embeddings,
-        legacy["audio_spectrogram_transformer.embeddings.position_embeddings"])
+        legacy["audio_spectrogram_transformer.embeddings.position_embeddings"],
+    )
 
 
 @pytest.mark.parametrize(("frames", "columns"), [(100, 9), (400, 39), (500, 49), (800, 79), (1024, 101)])
@@ -73,7 +76,7 @@ def test_positional_grid_is_the_checkpoint_grid_cropped_around_its_centre(checkp
     table = ASTModel.from_pretrained(checkpoints["ast"]).embeddings.position_embeddings.detach()
     grid = table[:, 2:].reshape(1, 12, 101, -1)
     start = 101 // 2 - columns // 2
-    expected = torch.cat([table[:, :2], grid[:, :, start:start + columns].reshape(1, 12 * columns, -1)], dim=1)
+    expected = torch.cat([table[:, :2], grid[:, :, start : start + columns].reshape(1, 12 * columns, -1)], dim=1)
 
     adapted = ASTBackbone(str(checkpoints["ast"]), target_length=frames).model.embeddings.position_embeddings
     assert adapted.shape == (1, 2 + 12 * columns, 32)
@@ -94,7 +97,8 @@ def test_positional_grid_is_interpolated_for_longer_inputs(checkpoints):
 def test_fbank_front_end_matches_the_checkpoint_feature_extractor(seconds):
     wav = torch.randn(int(16000 * seconds)) * 0.1
     reference = ASTFeatureExtractor(max_length=100, mean=AUDIOSET_MEAN, std=AUDIOSET_STD)(
-        wav.numpy(), sampling_rate=16000, return_tensors="pt")["input_values"]
+        wav.numpy(), sampling_rate=16000, return_tensors="pt"
+    )["input_values"]
     ours = FbankFrontEnd(target_length=100)(wav[None])
     assert ours.shape == (1, 100, 128)
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
@@ -157,9 +161,13 @@ def test_folder_without_config_is_named(tmp_path):
 
 
 def test_wrong_architecture_is_named(checkpoints):
-    with pytest.raises(BackboneLoadError, match="model_type is 'wav2vec2', expected one of audio-spectrogram-transformer"):
+    with pytest.raises(
+        BackboneLoadError, match="model_type is 'wav2vec2', expected one of audio-spectrogram-transformer"
+    ):
         build_backbone("ast", str(checkpoints["wav2vec2"]))
-    with pytest.raises(BackboneLoadError, match="model_type is 'audio-spectrogram-transformer', expected one of wav2vec2"):
+    with pytest.raises(
+        BackboneLoadError, match="model_type is 'audio-spectrogram-transformer', expected one of wav2vec2"
+    ):
         build_backbone("wav2vec2", str(checkpoints["ast"]))
 
 

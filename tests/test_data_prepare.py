@@ -92,9 +92,7 @@ def test_esc50_rotations(data: dict[str, Path], tmp_path: Path, fold: int) -> No
     manifests = esc50.prepare_esc50(data["esc50"], tmp_path, fold=fold)
     assert manifests["train"] == tmp_path / f"fold{fold}" / "train.csv"
     splits = _read(manifests)
-    folds = {
-        split: {int(row["ID"].split("-")[0]) for row in rows} for split, rows in splits.items()
-    }
+    folds = {split: {int(row["ID"].split("-")[0]) for row in rows} for split, rows in splits.items()}
     assert folds["test"] == {fold} and folds["valid"] == {fold % 5 + 1}
     assert folds["train"] == set(range(1, 6)) - {fold, fold % 5 + 1}
     assert all(row["fold"] == str(int(row["ID"][0])) for rows in splits.values() for row in rows)
@@ -120,9 +118,7 @@ def test_urbansound8k_test_fold_is_never_trained_or_validated_on(
     assert str(fold) not in folds["train"] | folds["valid"]
     assert len(folds["train"]) == 8
     assert [len(splits[s]) for s in SPLITS] == [8 * 3 * 2, 3 * 2, 3 * 2]
-    assert all(
-        f"/audio/fold{row['fold']}/" in row["wav"] for rows in splits.values() for row in rows
-    )
+    assert all(f"/audio/fold{row['fold']}/" in row["wav"] for rows in splits.values() for row in rows)
     assert set(_labels(splits["train"])) == {"air_conditioner", "car_horn", "children_playing"}
 
 
@@ -176,9 +172,7 @@ def test_few_shot_applies_to_train_only(data: dict[str, Path], tmp_path: Path) -
     assert few["valid"] == full["valid"] and few["test"] == full["test"]
 
 
-def test_few_shot_is_seeded_and_independent_of_file_order(
-    data: dict[str, Path], tmp_path: Path
-) -> None:
+def test_few_shot_is_seeded_and_independent_of_file_order(data: dict[str, Path], tmp_path: Path) -> None:
     def sample(root: Path, out: str, seed: int) -> list[str]:
         manifests = esc50.prepare_esc50(root, tmp_path / out, fold=1, few_shot_samples=2, seed=seed)
         return [row["ID"] for row in read_manifest(manifests["train"])]
@@ -219,9 +213,7 @@ def test_folds_prepare_side_by_side(data: dict[str, Path], tmp_path: Path) -> No
     one = us8k.prepare_urbansound8k(data["us8k"], tmp_path, fold=1)
     two = us8k.prepare_urbansound8k(data["us8k"], tmp_path, fold=2)
     assert one["test"].parent != two["test"].parent
-    assert (one["test"].parent / OPTIONS_FILE).is_file() and (
-        two["test"].parent / OPTIONS_FILE
-    ).is_file()
+    assert (one["test"].parent / OPTIONS_FILE).is_file() and (two["test"].parent / OPTIONS_FILE).is_file()
 
 
 def test_missing_or_empty_data_folder(tmp_path: Path) -> None:

@@ -67,11 +67,7 @@ def test_assign_splits_routes_by_group_and_rejects_strays() -> None:
 
 
 def _rows(per_class: dict[str, int]) -> list[dict[str, str]]:
-    return [
-        {"ID": f"{label}-{i:03d}", "label": label}
-        for label, count in per_class.items()
-        for i in range(count)
-    ]
+    return [{"ID": f"{label}-{i:03d}", "label": label} for label, count in per_class.items() for i in range(count)]
 
 
 def test_few_shot_takes_exactly_k_per_class() -> None:

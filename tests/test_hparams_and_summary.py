@@ -24,8 +24,17 @@ def checkpoints(tmp_path_factory):
 
 def test_there_is_one_block_per_method():
     assert [path.stem for path in METHOD_FILES] == [
-        "adapter", "bitfit", "conformer_adapter", "dense_moa", "full_ft", "linear", "lora", "prefix_tuning",
-        "prompt_tuning", "soft_moa"]
+        "adapter",
+        "bitfit",
+        "conformer_adapter",
+        "dense_moa",
+        "full_ft",
+        "linear",
+        "lora",
+        "prefix_tuning",
+        "prompt_tuning",
+        "soft_moa",
+    ]
 
 
 def test_extends_merges_blocks_and_overrides_reach_every_block(tmp_path):
@@ -52,7 +61,9 @@ def test_missing_and_looping_files_are_named(tmp_path):
 
 def test_command_line_false_is_false(checkpoints):
     """The reference read the string "False" as true; YAML overrides give real booleans."""
-    hparams = load_hparams(LIBRARY_HPARAMS / "methods" / "adapter.yaml", "apply_residual: False\nseq_or_par: sequential")
+    hparams = load_hparams(
+        LIBRARY_HPARAMS / "methods" / "adapter.yaml", "apply_residual: False\nseq_or_par: sequential"
+    )
     assert hparams["method"].apply_residual is False
     hparams = load_hparams(LIBRARY_HPARAMS / "methods" / "adapter.yaml", "apply_residual: True")
     assert hparams["method"].apply_residual is True
@@ -69,12 +80,15 @@ def test_conformer_adapter_block_extends_the_adapter_block():
 @pytest.mark.parametrize("method_file", METHOD_FILES, ids=[p.stem for p in METHOD_FILES])
 def test_summary_json_for_every_method_file_on_both_backbones(checkpoints, capsys, method_file, backbone):
     source = checkpoints["ast" if backbone == "ast" else "wav2vec2"]
-    code = summary_main([str(method_file), f"--backbone={backbone}", f"--backbone_source={source}",
-                         "--target_length=100", "--json"])
+    code = summary_main(
+        [str(method_file), f"--backbone={backbone}", f"--backbone_source={source}", "--target_length=100", "--json"]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == method_file.stem
-    assert summary["trainable_params"] == summary["method_params"] + summary["head_params"] + summary["final_norm_params"]
+    assert (
+        summary["trainable_params"] == summary["method_params"] + summary["head_params"] + summary["final_norm_params"]
+    )
     assert summary["trainable_percent"] == pytest.approx(100 * summary["trainable_params"] / summary["backbone_params"])
     assert summary["head_params"] == 32 * 10 + 10
 
@@ -103,9 +117,19 @@ def test_conformer_adapter_is_029_percent_of_the_full_size_ast(tmp_path):
 
     folder = write_random_checkpoint("ast", tmp_path / "ast_base", size="base")
     result = subprocess.run(
-        [sys.executable, "-m", "petl_modules.summary", str(LIBRARY_HPARAMS / "methods" / "conformer_adapter.yaml"),
-         f"--backbone_source={folder}", "--json"],
-        capture_output=True, text=True, cwd=REPO, check=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+        [
+            sys.executable,
+            "-m",
+            "petl_modules.summary",
+            str(LIBRARY_HPARAMS / "methods" / "conformer_adapter.yaml"),
+            f"--backbone_source={folder}",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": ""},
     )
     summary = json.loads(result.stdout)
     assert summary["backbone_params"] == pytest.approx(86.19e6, rel=1e-3)

@@ -27,18 +27,25 @@ VARIANTS = [
     ("lora", {"reduction_rate": 8, "targets": ["q", "k", "v", "o"], "alpha": 4}),
     ("bitfit", {}),
     ("dense_moa", {"num_adapters": 3, "reduction_rate": 4}),
-    ("dense_moa", {"num_adapters": 2, "reduction_rate": 4, "location": "both", "adapter_block": "conformer",
-                   "kernel_size": 3}),
+    (
+        "dense_moa",
+        {"num_adapters": 2, "reduction_rate": 4, "location": "both", "adapter_block": "conformer", "kernel_size": 3},
+    ),
     ("soft_moa", {"num_adapters": 3, "reduction_rate": 4}),
     ("soft_moa", {"num_adapters": 3, "num_slots": 2, "normalize": True, "reduction_rate": 4, "location": "FFN"}),
-    ("soft_moa", {"num_adapters": 2, "reduction_rate": 4, "location": "both", "adapter_block": "conformer",
-                  "kernel_size": 3}),
+    (
+        "soft_moa",
+        {"num_adapters": 2, "reduction_rate": 4, "location": "both", "adapter_block": "conformer", "kernel_size": 3},
+    ),
 ]
 IDS = [f"{method}-{'-'.join(f'{k}={v}' for k, v in options.items()) or 'default'}" for method, options in VARIANTS]
 # Methods whose freshly added modules must leave the backbone's output unchanged.
-IDENTITY_AT_START = [(m, o) for m, o in VARIANTS
-                     if m in ("adapter", "lora", "dense_moa", "soft_moa")
-                     and (o.get("seq_or_par") != "sequential" or o.get("apply_residual"))]
+IDENTITY_AT_START = [
+    (m, o)
+    for m, o in VARIANTS
+    if m in ("adapter", "lora", "dense_moa", "soft_moa")
+    and (o.get("seq_or_par") != "sequential" or o.get("apply_residual"))
+]
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +78,11 @@ def expected_method_params(method: str, options: dict, model) -> int:
         return model.backbone_parameters() - frozen - (sum(p.numel() for p in norm.parameters()) if norm else 0)
     if method == "adapter":
         b = D // options["reduction_rate"]
-        block = (conformer_params(b, options.get("kernel_size", 31)) if options.get("adapter_block") == "conformer"
-                 else bottleneck_params(b))
+        block = (
+            conformer_params(b, options.get("kernel_size", 31))
+            if options.get("adapter_block") == "conformer"
+            else bottleneck_params(b)
+        )
         return LAYERS * (2 if options.get("adapter_type") == "Houlsby" else 1) * block
     if method == "prompt_tuning":
         return (LAYERS if options.get("deep") else 1) * options["prompt_len"] * D
@@ -87,8 +97,11 @@ def expected_method_params(method: str, options: dict, model) -> int:
         encoder_norm = D if "Wav2Vec2" in type(model.backbone).__name__ and model.backbone.final_norm is None else 0
         return LAYERS * per_layer + encoder_norm
     experts, b = options["num_adapters"], D // options["reduction_rate"]
-    expert = (conformer_params(b, options["kernel_size"]) if options.get("adapter_block") == "conformer"
-              else bottleneck_params(b))
+    expert = (
+        conformer_params(b, options["kernel_size"])
+        if options.get("adapter_block") == "conformer"
+        else bottleneck_params(b)
+    )
     locations = 2 if options.get("location") == "both" else 1
     if method == "dense_moa":
         router = D * experts + experts
@@ -106,8 +119,9 @@ def test_trainable_counts_match_closed_form(checkpoint, method, options):
     assert groups["final_norm"] == 2 * D
 
 
-@pytest.mark.parametrize(("method", "options"), IDENTITY_AT_START,
-                         ids=[IDS[VARIANTS.index(v)] for v in IDENTITY_AT_START])
+@pytest.mark.parametrize(
+    ("method", "options"), IDENTITY_AT_START, ids=[IDS[VARIANTS.index(v)] for v in IDENTITY_AT_START]
+)
 def test_fresh_modules_leave_the_backbone_output_unchanged(checkpoint, method, options):
     frozen = build_model(checkpoint, "linear").eval()
     adapted = build_model(checkpoint, method, **options).eval()
@@ -193,8 +207,14 @@ def test_frozen_backbone_behaves_as_at_inference_during_training(checkpoints, tm
     """Dropout and LayerDrop of the frozen backbone stay off in train mode; full fine-tuning keeps them."""
     from petl_modules.checkpoints import write_random_checkpoint
 
-    noisy = write_random_checkpoint("wav2vec2", tmp_path / "noisy_wav2vec2", hidden_dropout=0.5,
-                                    attention_dropout=0.5, activation_dropout=0.5, layerdrop=0.5)
+    noisy = write_random_checkpoint(
+        "wav2vec2",
+        tmp_path / "noisy_wav2vec2",
+        hidden_dropout=0.5,
+        attention_dropout=0.5,
+        activation_dropout=0.5,
+        layerdrop=0.5,
+    )
     model = build_model(noisy, method, **options).train()
     assert model.training
     wavs, lens = waveforms()
@@ -204,8 +224,9 @@ def test_frozen_backbone_behaves_as_at_inference_during_training(checkpoints, tm
         assert not torch.equal(first, second)
     else:
         torch.testing.assert_close(first, second, rtol=0, atol=0)
-        assert not any(m.training for m in model.backbone.model.modules()
-                       if type(m).__module__.startswith("transformers"))
+        assert not any(
+            m.training for m in model.backbone.model.modules() if type(m).__module__.startswith("transformers")
+        )
 
 
 def test_moa_output_enters_the_residual_stream_exactly_once(checkpoints):
@@ -214,11 +235,11 @@ def test_moa_output_enters_the_residual_stream_exactly_once(checkpoints):
         model = build_model(checkpoints["ast"], method, num_adapters=2, reduction_rate=4).eval()
         layer = model.backbone.layers[0]
         constant = torch.randn(D) * 0.3
-        layer.attention.module.forward = lambda x, mask=None: constant.expand_as(x)
+        layer.attention.module.forward = lambda x, mask=None, c=constant: c.expand_as(x)
 
         reference = copy.deepcopy(build_model(checkpoints["ast"], "linear").backbone.layers[0]).eval()
         original_attention = reference.attention.forward
-        reference.attention.forward = lambda x, *a, **k: (original_attention(x, *a, **k)[0] + constant, None)
+        reference.attention.forward = lambda x, *a, f=original_attention, c=constant, **k: (f(x, *a, **k)[0] + c, None)
 
         tokens = torch.randn(2, 7, D)
         with torch.no_grad():
@@ -245,10 +266,12 @@ def naive_soft_moa(mixture, x, mask):
         slot_inputs = dispatch.T @ xb[list(real)]  # (experts * slots, D)
         slot_outputs = torch.empty_like(slot_inputs)
         for e in range(experts):
-            chunk = slot_inputs[e * slots:(e + 1) * slots]
+            chunk = slot_inputs[e * slots : (e + 1) * slots]
             assert isinstance(mixture.experts, BottleneckExperts)
             hidden = torch.nn.functional.gelu(chunk @ mixture.experts.down_weight[e] + mixture.experts.down_bias[e])
-            slot_outputs[e * slots:(e + 1) * slots] = hidden @ mixture.experts.up_weight[e] + mixture.experts.up_bias[e]
+            slot_outputs[e * slots : (e + 1) * slots] = (
+                hidden @ mixture.experts.up_weight[e] + mixture.experts.up_bias[e]
+            )
         combine = torch.exp(logits) / torch.exp(logits).sum(dim=1, keepdim=True)
         output[b] = combine @ slot_outputs
     return output
@@ -257,8 +280,9 @@ def naive_soft_moa(mixture, x, mask):
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("num_slots", [1, 2])
 def test_soft_moa_matches_the_paper_equations(checkpoints, normalize, num_slots):
-    model = build_model(checkpoints["wav2vec2"], "soft_moa", num_adapters=3, num_slots=num_slots,
-                        normalize=normalize, reduction_rate=4)
+    model = build_model(
+        checkpoints["wav2vec2"], "soft_moa", num_adapters=3, num_slots=num_slots, normalize=normalize, reduction_rate=4
+    )
     mixture = model.backbone.layers[0].attention.module
     with torch.no_grad():
         mixture.experts.up_weight.normal_(std=0.2)
@@ -288,8 +312,7 @@ def test_padding_never_changes_an_utterance_output(checkpoints, method, options)
         wavs, _ = waveforms(batch=2)
         short = wavs[1, :9600]
         alone = model(short[None], torch.ones(1))
-        batched = model(torch.stack([wavs[0], torch.nn.functional.pad(short, (0, 6400))]),
-                        torch.tensor([1.0, 0.6]))
+        batched = model(torch.stack([wavs[0], torch.nn.functional.pad(short, (0, 6400))]), torch.tensor([1.0, 0.6]))
     torch.testing.assert_close(batched[1:], alone, rtol=1e-4, atol=1e-5)
 
 

@@ -81,8 +81,11 @@ def test_every_method_trains_and_tests(workspace, tmp_path, dataset, method):
 def test_command_line(workspace, tmp_path, dataset):
     """The documented command; ESC-50 with --fold=all runs the 5 rotations in fold<k>/ and aggregates them."""
     extra = ["--fold=all"] if dataset == "ESC50" else []
-    command = [sys.executable, str(REPO / "recipes" / dataset / "train.py"),
-               *recipe_args(dataset, "linear", workspace, tmp_path, *extra)]
+    command = [
+        sys.executable,
+        str(REPO / "recipes" / dataset / "train.py"),
+        *recipe_args(dataset, "linear", workspace, tmp_path, *extra),
+    ]
     process = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     assert process.returncode == 0, process.stderr[-3000:]
     results = json.loads((tmp_path / RESULTS).read_text())
@@ -136,7 +139,10 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(workspace, tmp_path, monk
     monkeypatch.setattr(PETLBrain, "fit_batch", lambda self, batch: calls.append(self.step) or original(self, batch))
     resumed = run(recipe, recipe_args("GSC", "lora", workspace, tmp_path / "resumed", *options))
     assert calls == [2, 3, 4]  # epoch 2 continued after its checkpointed first step
-    reference_state, resumed_state = latest_model_state(tmp_path / "reference"), latest_model_state(tmp_path / "resumed")
+    reference_state, resumed_state = (
+        latest_model_state(tmp_path / "reference"),
+        latest_model_state(tmp_path / "resumed"),
+    )
     assert reference_state.keys() == resumed_state.keys()
     for name in reference_state:
         torch.testing.assert_close(resumed_state[name], reference_state[name], rtol=0, atol=0)
@@ -147,12 +153,15 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(workspace, tmp_path, monk
     assert calls == [] and again["folds"] == resumed["folds"]
 
 
-@pytest.mark.parametrize(("dataset", "extra", "message"), [
-    ("GSC", ["--not_a_key=3"], "unknown option --not_a_key"),
-    ("GSC", ["--few_shot_samples=50"], "few-shot K=50 needs 50 items per class"),
-    ("ESC50", ["--fold=6"], "--fold: ESC50 folds are 1..5 or 'all'; got 6"),
-    ("FSC", ["--num_classes=31"], "set --num_classes=4"),
-])
+@pytest.mark.parametrize(
+    ("dataset", "extra", "message"),
+    [
+        ("GSC", ["--not_a_key=3"], "unknown option --not_a_key"),
+        ("GSC", ["--few_shot_samples=50"], "few-shot K=50 needs 50 items per class"),
+        ("ESC50", ["--fold=6"], "--fold: ESC50 folds are 1..5 or 'all'; got 6"),
+        ("FSC", ["--num_classes=31"], "set --num_classes=4"),
+    ],
+)
 def test_bad_input_is_one_line(workspace, tmp_path, dataset, extra, message):
     with pytest.raises(SystemExit) as stop:
         main(load_recipe(dataset), recipe_args(dataset, "linear", workspace, tmp_path, *extra))
@@ -162,9 +171,15 @@ def test_bad_input_is_one_line(workspace, tmp_path, dataset, extra, message):
 
 def test_missing_data_folder_from_the_command_line(workspace, tmp_path):
     args = recipe_args("IEMOCAP", "linear", workspace, tmp_path, f"--data_folder={tmp_path / 'nowhere'}")
-    process = subprocess.run([sys.executable, str(REPO / "recipes" / "IEMOCAP" / "train.py"), *args],
-                             capture_output=True, text=True, env=ENV, timeout=120)
+    process = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "IEMOCAP" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
     assert process.returncode == 1
     assert process.stderr.strip().splitlines()[-1] == (
-        f"IEMOCAP recipe: error: --data_folder: {tmp_path / 'nowhere'} is not a folder; give the IEMOCAP dataset root")
+        f"IEMOCAP recipe: error: --data_folder: {tmp_path / 'nowhere'} is not a folder; give the IEMOCAP dataset root"
+    )
     assert "Traceback" not in process.stderr

@@ -22,12 +22,14 @@ TARGET_LENGTH = 100  # AST frames: 9 time columns x 12 frequency rows + 2 specia
 
 
 def write_checkpoints(root: Path) -> dict[str, Path]:
-    return {name: write_random_checkpoint(kind, root / name, **options)
-            for name, (kind, options) in CHECKPOINTS.items()}
+    return {
+        name: write_random_checkpoint(kind, root / name, **options) for name, (kind, options) in CHECKPOINTS.items()
+    }
 
 
-def build_model(checkpoint: Path, method: str = "linear", num_classes: int = 5, seed: int = 0,
-                pooling: str = "mean", **options) -> PETLModel:
+def build_model(
+    checkpoint: Path, method: str = "linear", num_classes: int = 5, seed: int = 0, pooling: str = "mean", **options
+) -> PETLModel:
     """A PETLModel on a tiny checkpoint; the seed fixes the method's and head's initialisation."""
     kind = "ast" if "ast" in checkpoint.name else "wav2vec2"
     backbone = build_backbone(kind, str(checkpoint), target_length=TARGET_LENGTH)

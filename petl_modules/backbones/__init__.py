@@ -23,6 +23,14 @@ def build_backbone(kind: str = "ast", source: str | None = None, target_length: 
 
 
 __all__ = [
-    "ASTBackbone", "Backbone", "BackboneLoadError", "BACKBONES", "DEFAULT_AST_SOURCE", "DEFAULT_WAV2VEC2_SOURCE",
-    "FbankFrontEnd", "ForwardState", "Wav2Vec2Backbone", "build_backbone",
+    "ASTBackbone",
+    "Backbone",
+    "BackboneLoadError",
+    "BACKBONES",
+    "DEFAULT_AST_SOURCE",
+    "DEFAULT_WAV2VEC2_SOURCE",
+    "FbankFrontEnd",
+    "ForwardState",
+    "Wav2Vec2Backbone",
+    "build_backbone",
 ]

@@ -24,8 +24,14 @@ class FbankFrontEnd(nn.Module):
     cropped to `target_length` frames; then (x - mean) / (2 * std). Deterministic, hence cacheable.
     """
 
-    def __init__(self, target_length: int, num_mel_bins: int = 128, mean: float = AUDIOSET_MEAN,
-                 std: float = AUDIOSET_STD, sample_rate: int = 16000) -> None:
+    def __init__(
+        self,
+        target_length: int,
+        num_mel_bins: int = 128,
+        mean: float = AUDIOSET_MEAN,
+        std: float = AUDIOSET_STD,
+        sample_rate: int = 16000,
+    ) -> None:
         super().__init__()
         self.target_length = target_length
         self.num_mel_bins = num_mel_bins
@@ -35,23 +41,36 @@ class FbankFrontEnd(nn.Module):
 
     def settings(self) -> dict:
         """Everything the features depend on (the key of a feature cache)."""
-        return {"target_length": self.target_length, "num_mel_bins": self.num_mel_bins, "mean": self.mean,
-                "std": self.std, "sample_rate": self.sample_rate}
+        return {
+            "target_length": self.target_length,
+            "num_mel_bins": self.num_mel_bins,
+            "mean": self.mean,
+            "std": self.std,
+            "sample_rate": self.sample_rate,
+        }
 
     @torch.no_grad()
     def single(self, wav: torch.Tensor) -> torch.Tensor:
         """One waveform (samples,) -> normalised fbank (target_length, num_mel_bins)."""
         wav = F.pad(wav, (0, max(0, 400 - wav.shape[0])))  # at least one 25 ms window
         fbank = torchaudio.compliance.kaldi.fbank(
-            wav[None].float(), htk_compat=True, sample_frequency=self.sample_rate, use_energy=False,
-            window_type="hanning", num_mel_bins=self.num_mel_bins, dither=0.0, frame_shift=10,
+            wav[None].float(),
+            htk_compat=True,
+            sample_frequency=self.sample_rate,
+            use_energy=False,
+            window_type="hanning",
+            num_mel_bins=self.num_mel_bins,
+            dither=0.0,
+            frame_shift=10,
         )
         fbank = F.pad(fbank, (0, 0, 0, max(0, self.target_length - fbank.shape[0])))[: self.target_length]
         return (fbank - self.mean) / (2 * self.std)
 
     def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> torch.Tensor:
         """Waveforms (batch, samples), each used up to its relative length -> (batch, frames, mel)."""
-        lengths = [wavs.shape[1]] * len(wavs) if wav_lens is None else (wav_lens * wavs.shape[1]).round().long().tolist()
+        lengths = (
+            [wavs.shape[1]] * len(wavs) if wav_lens is None else (wav_lens * wavs.shape[1]).round().long().tolist()
+        )
         return torch.stack([self.single(wav[:length]) for wav, length in zip(wavs, lengths)])
 
 
@@ -82,13 +101,14 @@ def adapt_position_grid(grid: torch.Tensor, new_shape: tuple[int, int]) -> torch
     f_new, t_new = new_shape
     if t_new < t_old:
         start = t_old // 2 - t_new // 2
-        grid = grid[:, :, start:start + t_new]
+        grid = grid[:, :, start : start + t_new]
     if f_new < f_old:
         start = f_old // 2 - f_new // 2
-        grid = grid[:, start:start + f_new]
+        grid = grid[:, start : start + f_new]
     if grid.shape[1:3] != (f_new, t_new):
-        grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(f_new, t_new), mode="bilinear",
-                             align_corners=False).permute(0, 2, 3, 1)
+        grid = F.interpolate(
+            grid.permute(0, 3, 1, 2), size=(f_new, t_new), mode="bilinear", align_corners=False
+        ).permute(0, 2, 3, 1)
     return grid
 
 
@@ -115,8 +135,10 @@ class ASTBackbone(Backbone):
         self.spec_augment: SpecAugment | None = None  # set by recipes that train with SpecAugment
         preprocessor = read_preprocessor_config(source)
         self.front_end = FbankFrontEnd(
-            target_length, config.num_mel_bins,
-            mean=preprocessor.get("mean", AUDIOSET_MEAN), std=preprocessor.get("std", AUDIOSET_STD),
+            target_length,
+            config.num_mel_bins,
+            mean=preprocessor.get("mean", AUDIOSET_MEAN),
+            std=preprocessor.get("std", AUDIOSET_STD),
             sample_rate=preprocessor.get("sampling_rate", 16000),
         )
 

@@ -73,7 +73,9 @@ class Backbone(nn.Module):
         """The mask in the form the Hugging Face layers expect."""
         return None
 
-    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Waveforms -> last-layer tokens (before the final norm) and their padding mask."""
         tokens, mask = self.embed(wavs, wav_lens)
         layer_mask = self.layer_attention_mask(tokens, mask)

@@ -37,9 +37,7 @@ def _local_config(source: str) -> dict | None:
         raise BackboneLoadError(f"backbone_source '{source}': config.json is not valid JSON ({error})") from None
 
 
-def load_pretrained(
-    model_class: type[PreTrainedModel], source: str, model_types: tuple[str, ...]
-) -> PreTrainedModel:
+def load_pretrained(model_class: type[PreTrainedModel], source: str, model_types: tuple[str, ...]) -> PreTrainedModel:
     """Load `model_class` from `source`, refusing other architectures and incomplete checkpoints.
 
     Every missing weight is an error: a silently re-initialised tensor (the reference implementation's

@@ -64,9 +64,7 @@ def write_manifest(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -
     writer.writeheader()
     for row in rows:
         if list(row) != columns:
-            raise DataPreparationError(
-                f"{path}: row {row.get('ID')!r} has columns {list(row)}, expected {columns}"
-            )
+            raise DataPreparationError(f"{path}: row {row.get('ID')!r} has columns {list(row)}, expected {columns}")
         if row["ID"] in seen:
             raise DataPreparationError(f"{path}: duplicate ID {row['ID']!r}")
         seen.add(row["ID"])
@@ -97,9 +95,7 @@ def require_dir(folder: str | os.PathLike, dataset: str, expected: str) -> Path:
     return root
 
 
-def read_metadata_csv(
-    path: Path, dataset: str, columns: Iterable[str], expected: str
-) -> list[dict[str, str]]:
+def read_metadata_csv(path: Path, dataset: str, columns: Iterable[str], expected: str) -> list[dict[str, str]]:
     """Read an official metadata CSV, failing early on a wrong or empty file."""
     if not path.is_file():
         raise DataPreparationError(f"{dataset}: {path} not found; expected {expected}")
@@ -109,17 +105,13 @@ def read_metadata_csv(
         found = reader.fieldnames or []
     missing = [c for c in columns if c not in found]
     if missing:
-        raise DataPreparationError(
-            f"{dataset}: {path} lacks column(s) {missing}; found {list(found)}"
-        )
+        raise DataPreparationError(f"{dataset}: {path} lacks column(s) {missing}; found {list(found)}")
     if not rows:
         raise DataPreparationError(f"{dataset}: {path} has a header but no rows")
     return rows
 
 
-def audio_row(
-    dataset: str, listed_in: Path, utt_id: str, wav: Path, label: str, **extra: str
-) -> dict[str, Any]:
+def audio_row(dataset: str, listed_in: Path, utt_id: str, wav: Path, label: str, **extra: str) -> dict[str, Any]:
     """Build one manifest row, reading the duration from the file header.
 
     Stops on the first file the metadata lists but the disk lacks, naming both.

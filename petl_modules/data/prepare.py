@@ -78,9 +78,7 @@ def prepare_cli(
     parser.add_argument("save_folder", help="where manifests are written")
     if num_folds is not None:
         parser.add_argument("--fold", type=int, default=1, choices=range(1, num_folds + 1))
-    parser.add_argument(
-        "--few_shot_samples", type=int, default=None, help="K items per class in train"
-    )
+    parser.add_argument("--few_shot_samples", type=int, default=None, help="K items per class in train")
     parser.add_argument("--seed", type=int, default=10, help="seed of the few-shot sample")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

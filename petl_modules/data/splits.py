@@ -64,9 +64,7 @@ def iemocap_split(fold: int) -> dict[str, frozenset[str]]:
     return {"train": train, "valid": frozenset({valid}), "test": frozenset({test})}
 
 
-def assign_splits(
-    rows: Iterable[Row], key: str, plan: Mapping[str, frozenset], source: str
-) -> dict[str, list[Row]]:
+def assign_splits(rows: Iterable[Row], key: str, plan: Mapping[str, frozenset], source: str) -> dict[str, list[Row]]:
     """Route each row to the split whose group set holds ``row[key]``.
 
     Groups are compared as strings, as they read from metadata and manifests.
@@ -104,13 +102,9 @@ def few_shot_sample(rows: Sequence[Row], k: int, seed: int, label_key: str = "la
     by_class: dict[str, list[Row]] = defaultdict(list)
     for row in sorted(rows, key=lambda r: r["ID"]):
         by_class[row[label_key]].append(row)
-    short = [
-        f"{label!r} has {len(items)}" for label, items in sorted(by_class.items()) if len(items) < k
-    ]
+    short = [f"{label!r} has {len(items)}" for label, items in sorted(by_class.items()) if len(items) < k]
     if short:
-        raise DataPreparationError(
-            f"few-shot K={k} needs {k} items per class, but class {', class '.join(short)}"
-        )
+        raise DataPreparationError(f"few-shot K={k} needs {k} items per class, but class {', class '.join(short)}")
     rng = random.Random(seed)
     picked = [row for _, items in sorted(by_class.items()) for row in rng.sample(items, k)]
     return sorted(picked, key=lambda r: r["ID"])

@@ -110,9 +110,7 @@ def class_frequency(index: int) -> float:
     return 250.0 + 120.0 * index
 
 
-def _tone(
-    index: int, duration: float, sample_rate: int, rng: np.random.Generator, channels: int = 1
-) -> np.ndarray:
+def _tone(index: int, duration: float, sample_rate: int, rng: np.random.Generator, channels: int = 1) -> np.ndarray:
     """A class-``index`` sine plus noise, shape (frames, channels), peak below 0.6."""
     t = np.arange(round(duration * sample_rate)) / sample_rate
     wave = 0.5 * np.sin(2 * np.pi * class_frequency(index) * t + rng.uniform(0, 2 * np.pi))
@@ -166,9 +164,7 @@ def make_fsc(root: Path, num_classes: int = 4, n_per_class: int = 2, seed: int =
     return data_root
 
 
-def make_esc50(
-    root: Path, num_classes: int = 5, n_per_fold: int = 1, duration: float = 0.5, seed: int = 0
-) -> Path:
+def make_esc50(root: Path, num_classes: int = 5, n_per_fold: int = 1, duration: float = 0.5, seed: int = 0) -> Path:
     """Write ESC-50: 44.1 kHz mono clips, ``n_per_fold`` per class and fold.
 
     The real clips are 5 s; ``duration`` defaults short for speed.
@@ -203,16 +199,12 @@ def make_urbansound8k(root: Path, num_classes: int = 3, n_per_fold: int = 1, see
     for fold in range(1, 11):
         for c, name in enumerate(classes):
             for i in range(n_per_fold):
-                sample_rate, subtype, channels = URBANSOUND8K_FORMATS[
-                    len(rows) % len(URBANSOUND8K_FORMATS)
-                ]
+                sample_rate, subtype, channels = URBANSOUND8K_FORMATS[len(rows) % len(URBANSOUND8K_FORMATS)]
                 duration = 0.25 + 0.05 * (len(rows) % 5)
                 fs_id = 1000 + len(rows)
                 filename = f"{fs_id}-{c}-0-{i}.wav"
                 audio = _tone(c, duration, sample_rate, rng, channels)
-                _write_wav(
-                    data_root / "audio" / f"fold{fold}" / filename, audio, sample_rate, subtype
-                )
+                _write_wav(data_root / "audio" / f"fold{fold}" / filename, audio, sample_rate, subtype)
                 rows.append([filename, fs_id, 0.0, duration, 1, fold, c, name])
     header = ["slice_file_name", "fsID", "start", "end", "salience", "fold", "classID", "class"]
     _write_csv(data_root / "metadata" / "UrbanSound8K.csv", header, rows)
@@ -242,16 +234,12 @@ def make_gsc(root: Path, num_words: int = 4, n_per_class: int = 2, seed: int = 0
     _write_wav(data_root / "_background_noise_" / "white_noise.wav", noise, 16000)
     (data_root / "_background_noise_" / "README.md").write_text("noise\n", encoding="utf-8")
     (data_root / "LICENSE").write_text("CC-BY-4.0\n", encoding="utf-8")
-    (data_root / "validation_list.txt").write_text(
-        "\n".join(lists["valid"]) + "\n", encoding="utf-8"
-    )
+    (data_root / "validation_list.txt").write_text("\n".join(lists["valid"]) + "\n", encoding="utf-8")
     (data_root / "testing_list.txt").write_text("\n".join(lists["test"]) + "\n", encoding="utf-8")
     return data_root
 
 
-def make_iemocap(
-    root: Path, n_per_class: int = 1, dialogs_per_session: int = 2, seed: int = 0
-) -> Path:
+def make_iemocap(root: Path, n_per_class: int = 1, dialogs_per_session: int = 2, seed: int = 0) -> Path:
     """Write IEMOCAP: 5 sessions with ``dialogs_per_session`` dialogs each.
 
     Both speakers talk in every dialog, each with ``n_per_class`` turns of every
@@ -263,9 +251,7 @@ def make_iemocap(
     data_root = Path(root) / "IEMOCAP_full_release"
     for session in range(1, 6):
         dialogs = [
-            f"Ses0{session}F_impro{d + 1:02d}"
-            if d % 2 == 0
-            else f"Ses0{session}M_script{d + 1:02d}_1"
+            f"Ses0{session}F_impro{d + 1:02d}" if d % 2 == 0 else f"Ses0{session}M_script{d + 1:02d}_1"
             for d in range(dialogs_per_session)
         ]
         turns: dict[str, list[str]] = {dialog: [] for dialog in dialogs}
@@ -282,14 +268,7 @@ def make_iemocap(
                         "[2.5000, 2.5000, 2.5000]\n"
                         "C-E2:\tNeutral;\t()\nA-E3:\tval 3; act 2; dom  2;\t()\n\n"
                     )
-                    wav = (
-                        data_root
-                        / f"Session{session}"
-                        / "sentences"
-                        / "wav"
-                        / dialog
-                        / f"{utt_id}.wav"
-                    )
+                    wav = data_root / f"Session{session}" / "sentences" / "wav" / dialog / f"{utt_id}.wav"
                     _write_wav(wav, _tone(_IEMOCAP_CLASS[label], 0.5, 16000, rng), 16000)
                     count += 1
         for dialog, lines in turns.items():

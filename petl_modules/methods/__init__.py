@@ -14,7 +14,20 @@ METHODS: dict[str, type[Method]] = {
 }
 
 __all__ = [
-    "METHODS", "Adapter", "AdaptedSublayer", "BitFit", "BottleneckBlock", "ConformerBlock", "DenseMoA",
-    "FullFineTuning", "LinearProbing", "LoRA", "LoRALinear", "Method", "PETLModule", "PrefixTuning",
-    "PromptTuning", "SoftMoA",
+    "METHODS",
+    "Adapter",
+    "AdaptedSublayer",
+    "BitFit",
+    "BottleneckBlock",
+    "ConformerBlock",
+    "DenseMoA",
+    "FullFineTuning",
+    "LinearProbing",
+    "LoRA",
+    "LoRALinear",
+    "Method",
+    "PETLModule",
+    "PrefixTuning",
+    "PromptTuning",
+    "SoftMoA",
 ]

@@ -22,8 +22,9 @@ class AdaptedSublayer(nn.Module):
     The module's output enters the residual stream exactly once: through the sub-layer's output.
     """
 
-    def __init__(self, sublayer: nn.Module, module: nn.Module, parallel: bool, residual: bool,
-                 state: ForwardState) -> None:
+    def __init__(
+        self, sublayer: nn.Module, module: nn.Module, parallel: bool, residual: bool, state: ForwardState
+    ) -> None:
         super().__init__()
         self.sublayer = sublayer
         self.module = module
@@ -42,8 +43,13 @@ class AdaptedSublayer(nn.Module):
         return (adapted, *output[1:]) if isinstance(output, tuple) else adapted
 
 
-def wrap_sublayers(backbone: Backbone, sublayers: tuple[str, ...], make_module: Callable[[], nn.Module],
-                   parallel: bool = True, residual: bool = False) -> None:
+def wrap_sublayers(
+    backbone: Backbone,
+    sublayers: tuple[str, ...],
+    make_module: Callable[[], nn.Module],
+    parallel: bool = True,
+    residual: bool = False,
+) -> None:
     """Wrap the named sub-layers ("attention", "ffn") of every layer with a fresh module each."""
     for layer in backbone.layers:
         for sublayer in sublayers:
@@ -65,8 +71,15 @@ class Adapter(Method):
 
     name = "adapter"
 
-    def __init__(self, reduction_rate: int = 96, adapter_type: str = "Pfeiffer", seq_or_par: str = "parallel",
-                 apply_residual: bool = False, adapter_block: str = "bottleneck", kernel_size: int = 31) -> None:
+    def __init__(
+        self,
+        reduction_rate: int = 96,
+        adapter_type: str = "Pfeiffer",
+        seq_or_par: str = "parallel",
+        apply_residual: bool = False,
+        adapter_block: str = "bottleneck",
+        kernel_size: int = 31,
+    ) -> None:
         self.reduction_rate = positive_int("reduction_rate", reduction_rate)
         self.adapter_type = choice("adapter_type", adapter_type, ("Pfeiffer", "Houlsby"))
         self.seq_or_par = choice("seq_or_par", seq_or_par, ("parallel", "sequential"))
@@ -77,7 +90,9 @@ class Adapter(Method):
     def apply(self, backbone: Backbone) -> None:
         bottleneck = bottleneck_size(backbone.hidden_size, self.reduction_rate)
         wrap_sublayers(
-            backbone, sublayers_for(self.adapter_type),
+            backbone,
+            sublayers_for(self.adapter_type),
             lambda: make_block(self.adapter_block, backbone.hidden_size, bottleneck, self.kernel_size),
-            parallel=self.seq_or_par == "parallel", residual=self.apply_residual,
+            parallel=self.seq_or_par == "parallel",
+            residual=self.apply_residual,
         )

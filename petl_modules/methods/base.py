@@ -61,5 +61,5 @@ def probability(key: str, value: float) -> float:
 
 
 def bottleneck_size(hidden_size: int, reduction_rate: int) -> int:
-    """hidden / rate, at least 1 (the papers' rate 96 on 768 gives 8)."""
+    """Hidden / rate, at least 1 (the papers' rate 96 on 768 gives 8)."""
     return max(1, hidden_size // reduction_rate)

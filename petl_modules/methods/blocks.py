@@ -78,4 +78,3 @@ def make_block(kind: str, hidden_size: int, bottleneck: int, kernel_size: int = 
     if kind == "bottleneck":
         return BottleneckBlock(hidden_size, bottleneck)
     return ConformerBlock(hidden_size, bottleneck, kernel_size)
-

@@ -63,8 +63,13 @@ class LoRA(Method):
 
     name = "lora"
 
-    def __init__(self, reduction_rate: int = 64, alpha: float = 8, targets: tuple[str, ...] | list[str] = ("q", "v"),
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        reduction_rate: int = 64,
+        alpha: float = 8,
+        targets: tuple[str, ...] | list[str] = ("q", "v"),
+        dropout: float = 0.0,
+    ) -> None:
         self.reduction_rate = positive_int("reduction_rate", reduction_rate)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
             raise ValueError(f"alpha must be a positive number; got {alpha!r}")

@@ -86,8 +86,9 @@ class SoftMixture(PETLModule):
     logits multiplied by a learned scale (Soft MoE paper, section 2.3).
     """
 
-    def __init__(self, experts: PETLModule, hidden_size: int, num_experts: int, num_slots: int,
-                 normalize: bool) -> None:
+    def __init__(
+        self, experts: PETLModule, hidden_size: int, num_experts: int, num_slots: int, normalize: bool
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.num_slots = num_slots
@@ -115,8 +116,14 @@ class SoftMixture(PETLModule):
 
 
 class _MixtureOfAdapters(Method):
-    def __init__(self, num_adapters: int = 7, reduction_rate: int = 128, location: str = "MHSA",
-                 adapter_block: str = "bottleneck", kernel_size: int = 31) -> None:
+    def __init__(
+        self,
+        num_adapters: int = 7,
+        reduction_rate: int = 128,
+        location: str = "MHSA",
+        adapter_block: str = "bottleneck",
+        kernel_size: int = 31,
+    ) -> None:
         self.num_adapters = positive_int("num_adapters", num_adapters)
         self.reduction_rate = positive_int("reduction_rate", reduction_rate)
         self.location = choice("location", location, LOCATIONS)
@@ -151,9 +158,16 @@ class SoftMoA(_MixtureOfAdapters):
 
     name = "soft_moa"
 
-    def __init__(self, num_adapters: int = 7, num_slots: int = 1, normalize: bool = False,
-                 reduction_rate: int = 128, location: str = "MHSA", adapter_block: str = "bottleneck",
-                 kernel_size: int = 31) -> None:
+    def __init__(
+        self,
+        num_adapters: int = 7,
+        num_slots: int = 1,
+        normalize: bool = False,
+        reduction_rate: int = 128,
+        location: str = "MHSA",
+        adapter_block: str = "bottleneck",
+        kernel_size: int = 31,
+    ) -> None:
         super().__init__(num_adapters, reduction_rate, location, adapter_block, kernel_size)
         self.num_slots = positive_int("num_slots", num_slots)
         self.normalize = flag("normalize", normalize)

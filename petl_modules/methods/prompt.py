@@ -18,8 +18,9 @@ class PromptTokens(PETLModule):
     embedding and are never padding.
     """
 
-    def __init__(self, num_layers: int, prompt_len: int, hidden_size: int, deep: bool, dropout: float,
-                 insert_at: int) -> None:
+    def __init__(
+        self, num_layers: int, prompt_len: int, hidden_size: int, deep: bool, dropout: float, insert_at: int
+    ) -> None:
         super().__init__()
         self.prompts = nn.Parameter(torch.randn(num_layers if deep else 1, prompt_len, hidden_size) * 0.02)
         self.deep = deep
@@ -32,7 +33,7 @@ class PromptTokens(PETLModule):
         batch, length = tokens.shape[0], self.prompts.shape[1]
         prompts = self.dropout(self.prompts[layer_index]).expand(batch, -1, -1).to(tokens.dtype)
         start = self.insert_at
-        rest = tokens[:, start:] if layer_index == 0 else tokens[:, start + length:]
+        rest = tokens[:, start:] if layer_index == 0 else tokens[:, start + length :]
         tokens = torch.cat([tokens[:, :start], prompts, rest], dim=1)
         if mask is not None and layer_index == 0:
             real = torch.ones(batch, length, dtype=mask.dtype, device=mask.device)
@@ -51,10 +52,16 @@ class PromptTuning(Method):
         self.dropout = probability("dropout", dropout)
 
     def apply(self, backbone: Backbone) -> None:
-        backbone.token_hooks.append(PromptTokens(
-            len(backbone.layers), self.prompt_len, backbone.hidden_size, self.deep, self.dropout,
-            backbone.num_special_tokens,
-        ))
+        backbone.token_hooks.append(
+            PromptTokens(
+                len(backbone.layers),
+                self.prompt_len,
+                backbone.hidden_size,
+                self.deep,
+                self.dropout,
+                backbone.num_special_tokens,
+            )
+        )
 
 
 class PrefixKeysValues(PETLModule):
@@ -73,8 +80,14 @@ class PrefixAttention(nn.Module):
     Hugging Face layer passes, whose format depends on the attention implementation.
     """
 
-    def __init__(self, attention: nn.Module, projection_names: dict[str, str], num_heads: int,
-                 prefix: PrefixKeysValues, state: ForwardState) -> None:
+    def __init__(
+        self,
+        attention: nn.Module,
+        projection_names: dict[str, str],
+        num_heads: int,
+        prefix: PrefixKeysValues,
+        state: ForwardState,
+    ) -> None:
         super().__init__()
         self.attention = attention
         self.projection_names = projection_names
@@ -114,5 +127,8 @@ class PrefixTuning(Method):
         for layer in backbone.layers:
             attention = getattr(layer, backbone.attention_name)
             prefix = PrefixKeysValues(self.prefix_len, backbone.hidden_size)
-            setattr(layer, backbone.attention_name, PrefixAttention(
-                attention, backbone.projection_names, backbone.num_heads, prefix, backbone.state))
+            setattr(
+                layer,
+                backbone.attention_name,
+                PrefixAttention(attention, backbone.projection_names, backbone.num_heads, prefix, backbone.state),
+            )

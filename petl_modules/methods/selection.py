@@ -1,5 +1,6 @@
 """Methods that add nothing and only choose which pretrained tensors train: linear probing, full
-fine-tuning and BitFit."""
+fine-tuning and BitFit.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ class FullFineTuning(Method):
 
     def __init__(self, num_trainable_layers: int | None = None) -> None:
         if num_trainable_layers is not None and (
-                isinstance(num_trainable_layers, bool) or not isinstance(num_trainable_layers, int)
-                or num_trainable_layers < 1):
+            isinstance(num_trainable_layers, bool)
+            or not isinstance(num_trainable_layers, int)
+            or num_trainable_layers < 1
+        ):
             raise ValueError(f"num_trainable_layers must be null or a positive integer; got {num_trainable_layers!r}")
         self.num_trainable_layers = num_trainable_layers
 
@@ -39,7 +42,7 @@ class FullFineTuning(Method):
         if self.num_trainable_layers is None:
             trainable = [backbone.model]
         else:
-            trainable = list(backbone.layers)[-self.num_trainable_layers:]
+            trainable = list(backbone.layers)[-self.num_trainable_layers :]
             if backbone.final_norm is not None:
                 trainable.append(backbone.final_norm)
         for module in trainable:

@@ -39,14 +39,21 @@ def prepare_esc50(
         listed_in = root / "meta" / "esc50.csv"
         items = read_metadata_csv(listed_in, DATASET, ("filename", "fold", "category"), EXPECTED)
         rows = [
-            audio_row(DATASET, listed_in, Path(item["filename"]).stem, root / "audio" / item["filename"],
-                      item["category"], fold=item["fold"])
+            audio_row(
+                DATASET,
+                listed_in,
+                Path(item["filename"]).stem,
+                root / "audio" / item["filename"],
+                item["category"],
+                fold=item["fold"],
+            )
             for item in items
         ]
         return assign_splits(rows, "fold", plan, str(listed_in))
 
-    return prepare_dataset(DATASET, data_folder, save_folder, EXPECTED, collect, fold=fold,
-                           few_shot_samples=few_shot_samples, seed=seed)
+    return prepare_dataset(
+        DATASET, data_folder, save_folder, EXPECTED, collect, fold=fold, few_shot_samples=few_shot_samples, seed=seed
+    )
 
 
 if __name__ == "__main__":

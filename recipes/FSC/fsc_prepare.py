@@ -13,10 +13,7 @@ from typing import Any
 from petl_modules.data import audio_row, prepare_cli, prepare_dataset, read_metadata_csv
 
 DATASET = "FSC"
-EXPECTED = (
-    "the official layout <data_folder>/data/{train,valid,test}_data.csv "
-    "and <data_folder>/wavs/speakers/"
-)
+EXPECTED = "the official layout <data_folder>/data/{train,valid,test}_data.csv and <data_folder>/wavs/speakers/"
 COLUMNS = ("path", "speakerId", "action", "object", "location")
 
 
@@ -28,8 +25,14 @@ def _collect(root: Path) -> dict[str, list[dict[str, Any]]]:
         tables[split] = (listed_in, read_metadata_csv(listed_in, DATASET, COLUMNS, EXPECTED))
     return {
         split: [
-            audio_row(DATASET, listed_in, Path(item["path"]).stem, root / item["path"],
-                      f"{item['action']}_{item['object']}_{item['location']}", speaker=item["speakerId"])
+            audio_row(
+                DATASET,
+                listed_in,
+                Path(item["path"]).stem,
+                root / item["path"],
+                f"{item['action']}_{item['object']}_{item['location']}",
+                speaker=item["speakerId"],
+            )
             for item in items
         ]
         for split, (listed_in, items) in tables.items()
@@ -43,8 +46,9 @@ def prepare_fsc(
     seed: int = 10,
 ) -> dict[str, Path]:
     """Write (or reuse) FSC manifests in ``save_folder``; returns ``{split: csv path}``."""
-    return prepare_dataset(DATASET, data_folder, save_folder, EXPECTED, _collect,
-                           few_shot_samples=few_shot_samples, seed=seed)
+    return prepare_dataset(
+        DATASET, data_folder, save_folder, EXPECTED, _collect, few_shot_samples=few_shot_samples, seed=seed
+    )
 
 
 if __name__ == "__main__":

@@ -48,9 +48,7 @@ def _row(root: Path, listed_in: Path, entry: str) -> dict[str, Any]:
 def _collect(root: Path) -> dict[str, list[dict[str, Any]]]:
     """Read both lists before any audio header, so layout errors come first."""
     held_out = {split: _read_list(root / name) for split, name in LISTS.items()}
-    words = sorted(
-        d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(("_", "."))
-    )
+    words = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(("_", ".")))
     if not words:
         raise DataPreparationError(f"{DATASET}: no word folders in {root}; expected {EXPECTED}")
     excluded = {entry for entries in held_out.values() for entry in entries}
@@ -73,8 +71,9 @@ def prepare_gsc(
     seed: int = 10,
 ) -> dict[str, Path]:
     """Write (or reuse) GSC v2 manifests in ``save_folder``; returns ``{split: csv path}``."""
-    return prepare_dataset(DATASET, data_folder, save_folder, EXPECTED, _collect,
-                           few_shot_samples=few_shot_samples, seed=seed)
+    return prepare_dataset(
+        DATASET, data_folder, save_folder, EXPECTED, _collect, few_shot_samples=few_shot_samples, seed=seed
+    )
 
 
 if __name__ == "__main__":

@@ -55,13 +55,9 @@ def _session_rows(root: Path, session: int) -> list[dict[str, Any]]:
             utt_id, emotion = match.groups()
             gender = utt_id.rsplit("_", 1)[-1][:1]
             if gender not in ("F", "M"):
-                raise DataPreparationError(
-                    f"{DATASET}: {listed_in}: cannot tell the speaker of {utt_id!r}"
-                )
+                raise DataPreparationError(f"{DATASET}: {listed_in}: cannot tell the speaker of {utt_id!r}")
             wav = folder / "sentences" / "wav" / listed_in.stem / f"{utt_id}.wav"
-            rows.append(
-                audio_row(DATASET, listed_in, utt_id, wav, LABELS[emotion], speaker=f"Ses0{session}{gender}")
-            )
+            rows.append(audio_row(DATASET, listed_in, utt_id, wav, LABELS[emotion], speaker=f"Ses0{session}{gender}"))
     return rows
 
 
@@ -79,8 +75,9 @@ def prepare_iemocap(
         rows = [row for session in range(1, 6) for row in _session_rows(root, session)]
         return assign_splits(rows, "speaker", plan, str(root))
 
-    return prepare_dataset(DATASET, data_folder, save_folder, EXPECTED, collect, fold=fold,
-                           few_shot_samples=few_shot_samples, seed=seed)
+    return prepare_dataset(
+        DATASET, data_folder, save_folder, EXPECTED, collect, fold=fold, few_shot_samples=few_shot_samples, seed=seed
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,12 @@ from petl_modules.data import IEMOCAP_NUM_FOLDS  # noqa: E402
 from petl_modules.recipe import DatasetRecipe, main  # noqa: E402
 from petl_modules.training import unweighted_accuracy  # noqa: E402
 
-RECIPE = DatasetRecipe(name="IEMOCAP", prepare=prepare_iemocap, folds=tuple(range(1, IEMOCAP_NUM_FOLDS + 1)),
-                        extra_metrics={"unweighted_accuracy": unweighted_accuracy})
+RECIPE = DatasetRecipe(
+    name="IEMOCAP",
+    prepare=prepare_iemocap,
+    folds=tuple(range(1, IEMOCAP_NUM_FOLDS + 1)),
+    extra_metrics={"unweighted_accuracy": unweighted_accuracy},
+)
 
 if __name__ == "__main__":
     main(RECIPE)

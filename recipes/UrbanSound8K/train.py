@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """UrbanSound8K classification, 10 folds; validation is the next fold, so the test fold never selects.
 
-    python recipes/UrbanSound8K/train.py recipes/UrbanSound8K/hparams/<method>.yaml --data_folder=DIR --output_folder=DIR \
-        --backbone_source=HUB_ID_OR_DIR [--backbone=wav2vec2] [--fold=all|K] [--few_shot_samples=K]
+    python recipes/UrbanSound8K/train.py recipes/UrbanSound8K/hparams/<method>.yaml \
+        --data_folder=DIR --output_folder=DIR --backbone_source=HUB_ID_OR_DIR \
+        [--backbone=wav2vec2] [--fold=all|K] [--few_shot_samples=K]
 
 See README.md beside this file for the protocol.
 """

@@ -25,9 +25,7 @@ from petl_modules.data import (
 
 DATASET = "UrbanSound8K"
 NUM_FOLDS = 10
-EXPECTED = (
-    "the official layout <data_folder>/metadata/UrbanSound8K.csv and <data_folder>/audio/fold<k>/"
-)
+EXPECTED = "the official layout <data_folder>/metadata/UrbanSound8K.csv and <data_folder>/audio/fold<k>/"
 
 
 def prepare_urbansound8k(
@@ -42,19 +40,23 @@ def prepare_urbansound8k(
 
     def collect(root: Path) -> dict[str, list[dict[str, Any]]]:
         listed_in = root / "metadata" / "UrbanSound8K.csv"
-        items = read_metadata_csv(
-            listed_in, DATASET, ("slice_file_name", "fold", "class"), EXPECTED
-        )
+        items = read_metadata_csv(listed_in, DATASET, ("slice_file_name", "fold", "class"), EXPECTED)
         rows = [
-            audio_row(DATASET, listed_in, Path(item["slice_file_name"]).stem,
-                      root / "audio" / f"fold{item['fold']}" / item["slice_file_name"], item["class"],
-                      fold=item["fold"])
+            audio_row(
+                DATASET,
+                listed_in,
+                Path(item["slice_file_name"]).stem,
+                root / "audio" / f"fold{item['fold']}" / item["slice_file_name"],
+                item["class"],
+                fold=item["fold"],
+            )
             for item in items
         ]
         return assign_splits(rows, "fold", plan, str(listed_in))
 
-    return prepare_dataset(DATASET, data_folder, save_folder, EXPECTED, collect, fold=fold,
-                           few_shot_samples=few_shot_samples, seed=seed)
+    return prepare_dataset(
+        DATASET, data_folder, save_folder, EXPECTED, collect, fold=fold, few_shot_samples=few_shot_samples, seed=seed
+    )
 
 
 if __name__ == "__main__":
