@@ -1,4 +1,8 @@
-"""Files that appear whole or not at all: a run killed while writing never leaves half a file behind."""
+"""Files that appear whole or not at all: a run killed while writing never leaves half a file behind.
+
+They get the permissions of a file created by `open` (0666 less the umask), not `mkstemp`'s private 0600, so
+a folder shared between users (a feature cache) stays readable by them.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and setting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` (atomic on one file system)."""
@@ -18,6 +29,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -7,11 +7,21 @@
 
 Keys are merged top-level (later files, then the file itself, win), so every key of every block is a
 top-level key: `!ref <lr>` works across blocks and `--lr=0.01` overrides it from the command line.
-An override that names no key is an error naming the key and the file.
+
+Invariants:
+- `compose_tree(path, overrides)` is the one tree that runs: the composed files with the overrides merged as
+  HyperPyYAML merges them (a nested mapping updates the mapping it names, its other keys stay). Its YAML text
+  (`dump_tree`) has no `extends:` and loads with plain `hyperpyyaml.load_hyperpyyaml` to the same objects
+  that `load_hparams` returns: it is what `python -m petl_modules.flatten` prints and what a recipe records.
+- A key whose value is a YAML boolean only ever receives a YAML boolean, from a file or the command line
+  (`no`, `off`, `"False"` are strings, not booleans): anything else is an error naming the key.
+- An override that names no key, a missing `extends:` entry, a loop: an error naming the key or the entry
+  and the file that holds it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from io import StringIO
 from pathlib import Path
 
@@ -19,6 +29,7 @@ import ruamel.yaml
 from hyperpyyaml import load_hyperpyyaml
 
 LIBRARY_HPARAMS = Path(__file__).resolve().parent / "hparams"
+PLACEHOLDER_TAG = "!PLACEHOLDER"
 
 
 class HparamsError(ValueError):
@@ -26,7 +37,37 @@ class HparamsError(ValueError):
 
 
 def _yaml() -> ruamel.yaml.YAML:
-    return ruamel.yaml.YAML()
+    yaml = ruamel.yaml.YAML()
+    yaml.width = 4096  # one line per flow mapping: no line breaks inside `!ref <key>`
+    return yaml
+
+
+def merge(tree: dict, update: Mapping, where: str, deep: bool = False, prefix: str = "") -> None:
+    """Merge `update` into `tree` in place, keeping booleans boolean.
+
+    Files merge top-level (a key replaces the key); overrides merge `deep`, as HyperPyYAML merges them (a
+    mapping updates the mapping it names, key by key). `where` prefixes the key in an error ("FILE: " for a
+    file, "--" for the command line).
+    """
+    for key, value in update.items():
+        old = tree.get(key)
+        if deep and isinstance(value, Mapping) and isinstance(old, Mapping) and not _tag(value) and not _tag(old):
+            merge(old, value, where, deep, f"{prefix}{key}.")
+            continue
+        if isinstance(old, bool) and not isinstance(value, bool):
+            raise HparamsError(f"{where}{prefix}{key} must be a YAML boolean (True or False), got {_text(value)!r}")
+        tree[key] = value
+
+
+def _tag(node: object) -> str | None:
+    """The explicit tag of a ruamel node (`!new:...`, `!ref`, `!PLACEHOLDER`), None for plain values."""
+    tag = getattr(node, "tag", None)
+    value = getattr(tag, "value", None)
+    return value if isinstance(value, str) and value.startswith("!") else None
+
+
+def _text(value: object) -> str:
+    return str(getattr(value, "value", value))
 
 
 def compose(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
@@ -37,21 +78,29 @@ def compose(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise HparamsError(f"hyperparameter file not found: {path}")
     try:
-        tree = _yaml().load(path.read_text())
+        tree = _yaml().load(path.read_text(encoding="utf-8"))
     except ruamel.yaml.YAMLError as error:
         raise HparamsError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    tree = tree if tree is not None else {}
+    tree = tree if tree is not None else ruamel.yaml.comments.CommentedMap()
+    if not isinstance(tree, Mapping):
+        raise HparamsError(f"{path}: expected a mapping of keys to values at the top level")
     bases = tree.pop("extends", None) or []
     if isinstance(bases, str):
         bases = [bases]
     merged = ruamel.yaml.comments.CommentedMap()
     for base in bases:
-        merged.update(compose(path.parent / base, _seen + (path,)))
-    merged.update(tree)
+        base_path = (path.parent / str(base)).resolve()
+        if not base_path.is_file():
+            raise HparamsError(
+                f"{path}: extends entry {str(base)!r} not found (looked for {base_path}); "
+                "entries are relative to the file that holds them"
+            )
+        merge(merged, compose(base_path, _seen + (path,)), f"{base_path}: ")
+    merge(merged, tree, f"{path}: ")
     return merged
 
 
-def parse_overrides(overrides: str | dict | None) -> dict:
+def parse_overrides(overrides: str | Mapping | None) -> dict:
     """Overrides as a dict: SpeechBrain's YAML string (`key: value` lines) or a dict."""
     if not overrides:
         return {}
@@ -66,25 +115,50 @@ def parse_overrides(overrides: str | dict | None) -> dict:
         ) from None
 
 
-def check_overrides(tree: dict, overrides: dict, path: str | Path) -> None:
+def check_overrides(tree: Mapping, overrides: Mapping, path: str | Path) -> None:
     """Every override must name a key of the composed file: a typo must not be silently ignored."""
     unknown = sorted(set(overrides) - set(tree))
     if unknown:
         raise HparamsError(f"unknown option --{unknown[0]}: not a key of {path} or of the files it extends")
 
 
-def load_hparams(path: str | Path, overrides: str | dict | None = None, defaults: tuple[str | Path, ...] = ()) -> dict:
+def compose_tree(
+    path: str | Path, overrides: str | Mapping | None = None, defaults: tuple[str | Path, ...] = ()
+) -> dict:
+    """The tree that runs: `defaults`, then `path` (with what it extends), then the overrides merged."""
+    tree = ruamel.yaml.comments.CommentedMap()
+    for default in defaults:
+        merge(tree, compose(default), f"{default}: ")
+    merge(tree, compose(path), f"{path}: ")
+    overrides = parse_overrides(overrides)
+    check_overrides(tree, overrides, path)
+    merge(tree, overrides, "--", deep=True)
+    return tree
+
+
+def dump_tree(tree: Mapping, header: str = "") -> str:
+    """The tree as one self-contained YAML text (tags kept), with `header` lines as comments on top."""
+    stream = StringIO()
+    _yaml().dump(tree, stream)
+    comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return comment + stream.getvalue()
+
+
+def placeholders(tree: Mapping) -> list[str]:
+    """Top-level keys still marked `!PLACEHOLDER` (to be given in a file or on the command line)."""
+    return [key for key, value in tree.items() if _tag(value) == PLACEHOLDER_TAG]
+
+
+def load_tree(tree: Mapping) -> dict:
+    """Resolve and instantiate a composed tree exactly as plain `load_hyperpyyaml` loads its dump."""
+    return load_hyperpyyaml(StringIO(dump_tree(tree)))
+
+
+def load_hparams(
+    path: str | Path, overrides: str | Mapping | None = None, defaults: tuple[str | Path, ...] = ()
+) -> dict:
     """Compose `defaults` then `path`, apply `overrides` (a dict or SpeechBrain's YAML string), resolve.
 
     Returns the loaded hyperparameters (objects instantiated), as `load_hyperpyyaml` does.
     """
-    tree = ruamel.yaml.comments.CommentedMap()
-    for default in defaults:
-        tree.update(compose(default))
-    tree.update(compose(path))
-    overrides = parse_overrides(overrides)
-    check_overrides(tree, overrides, path)
-    stream = StringIO()
-    _yaml().dump(tree, stream)
-    stream.seek(0)
-    return load_hyperpyyaml(stream, overrides)
+    return load_tree(compose_tree(path, overrides, defaults))

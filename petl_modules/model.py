@@ -16,8 +16,8 @@ class ClassificationHead(nn.Module):
     """Pooling over the output tokens, then one Linear (the papers' head).
 
     mean: over all real tokens (prompts included), the papers' choice; cls: the [CLS] token;
-    cls_dist: the mean of [CLS] and [DIST] (AST's own pooler). `norm` is the final LayerNorm when
-    the backbone has none of its own (post-LN Wav2Vec2).
+    cls_dist: the mean of [CLS] and [DIST] (AST's own pooler). `with_norm` adds a LayerNorm in front
+    (off by default: the reference's Wav2Vec2 head is the Linear alone on the mean-pooled last layer).
     """
 
     def __init__(self, hidden_size: int, num_classes: int, pooling: str = "mean", with_norm: bool = False) -> None:
@@ -29,44 +29,64 @@ class ClassificationHead(nn.Module):
     def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm is not None:
             tokens = self.norm(tokens)
+        return self.linear(self.pool(tokens, padding_mask))
+
+    def pool(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, tokens, hidden) -> (batch, hidden), by `pooling` over the real tokens."""
         if self.pooling == "cls":
-            pooled = tokens[:, 0]
-        elif self.pooling == "cls_dist":
-            pooled = (tokens[:, 0] + tokens[:, 1]) / 2
-        elif padding_mask is None:
-            pooled = tokens.mean(dim=1)
-        else:
-            weights = padding_mask[..., None].to(tokens.dtype)
-            pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
-        return self.linear(pooled)
+            return tokens[:, 0]
+        if self.pooling == "cls_dist":
+            return (tokens[:, 0] + tokens[:, 1]) / 2
+        if padding_mask is None:
+            return tokens.mean(dim=1)
+        weights = padding_mask[..., None].to(tokens.dtype)
+        return (tokens * weights).sum(dim=1) / weights.sum(dim=1)
 
 
 class PETLModel(nn.Module):
     """Backbone + method + head, as declared in HyperPyYAML.
 
     Construction freezes the backbone, lets the method inject its modules and unfreeze what it trains,
-    and sets the final LayerNorm trainable when `train_final_norm` (the papers' setting). During
-    training the frozen backbone stays in eval mode (no dropout, no BatchNorm updates) while the
-    method's modules follow `train()`; only full fine-tuning runs the backbone in training mode.
+    sets the final LayerNorm trainable when `train_final_norm` (the papers' setting on AST; the method
+    says which of its tensors: BitFit the bias only), and the LayerNorms of the sub-layers the method
+    adapts when `train_sublayer_norms` (the reference's setting on AST).
+    `head_norm` adds a LayerNorm to the head, trained likewise (for post-LN backbones, which have no
+    final norm; the reference has none). During training the frozen backbone stays in eval mode (no
+    dropout, no BatchNorm updates) while the method's modules follow `train()`; only full fine-tuning
+    runs the backbone in training mode. The arguments' defaults are the reference's AST ones; the YAML
+    model block (`hparams/model.yaml`) picks the reference's defaults for each backbone.
     """
 
     def __init__(
-        self, backbone: Backbone, method: Method, num_classes: int, pooling: str = "mean", train_final_norm: bool = True
+        self,
+        backbone: Backbone,
+        method: Method,
+        num_classes: int,
+        pooling: str = "mean",
+        train_final_norm: bool = True,
+        head_norm: bool = False,
+        train_sublayer_norms: bool = True,
     ) -> None:
         super().__init__()
-        if pooling in ("cls", "cls_dist") and backbone.num_special_tokens < (1 if pooling == "cls" else 2):
-            raise ValueError(f"pooling '{pooling}' needs [CLS]/[DIST] tokens, which {type(backbone).__name__} has not")
+        flag("train_final_norm", train_final_norm)
+        flag("train_sublayer_norms", train_sublayer_norms)
         self.backbone = backbone
         self.method = method
         backbone.requires_grad_(False)
         method.apply(backbone)
-        if backbone.final_norm is not None and flag("train_final_norm", train_final_norm):
-            backbone.final_norm.requires_grad_(True)
+        for norm in method.sublayer_norms(backbone) if train_sublayer_norms else []:
+            norm.requires_grad_(True)
+        needed = {"cls": 1, "cls_dist": 2}.get(pooling, 0)
+        if backbone.num_output_special_tokens < needed:
+            reason = "has not" if backbone.num_special_tokens < needed else f"loses to {method.name} (keep_dist_token)"
+            raise ValueError(f"pooling '{pooling}' needs [CLS]/[DIST] tokens, which {type(backbone).__name__} {reason}")
         self.head = ClassificationHead(
-            backbone.hidden_size, num_classes, pooling, with_norm=backbone.final_norm is None
+            backbone.hidden_size, num_classes, pooling, with_norm=flag("head_norm", head_norm)
         )
-        if self.head.norm is not None:
-            self.head.norm.requires_grad_(train_final_norm)
+        for norm in (backbone.final_norm, self.head.norm):
+            if norm is not None and train_final_norm:
+                for parameter in method.final_norm_parameters(norm):
+                    parameter.requires_grad_(True)
 
     def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> torch.Tensor:
         """Waveforms (batch, samples) at 16 kHz, SpeechBrain relative lengths -> logits (batch, classes).
@@ -98,15 +118,18 @@ class PETLModel(nn.Module):
         return sum(p.numel() for p in self.backbone.model.parameters() if id(p) not in injected)
 
     def trainable_parameter_groups(self) -> dict[str, int]:
-        """Trainable parameter counts: the method's (injected or unfrozen), the head's, the final norm's."""
-        norm = self.backbone.final_norm if self.backbone.final_norm is not None else self.head.norm
-        norm_ids = {id(p) for p in norm.parameters()} if norm is not None else set()
-        head_ids = {id(p) for p in self.head.linear.parameters()}
-        groups = {"method": 0, "head": 0, "final_norm": 0}
+        """Trainable parameter counts: the method's (injected or unfrozen), the head's, the final norm's
+        (and the head's norm) and the sub-layer norms' that train beside the method's modules.
+        """
+        owners = {id(p): "head" for p in self.head.linear.parameters()}
+        for norm in (self.backbone.final_norm, self.head.norm):
+            owners.update({id(p): "final_norm" for p in norm.parameters()} if norm is not None else {})
+        for norm in self.method.sublayer_norms(self.backbone):
+            owners.update({id(p): "sublayer_norm" for p in norm.parameters()})
+        groups = {"method": 0, "head": 0, "final_norm": 0, "sublayer_norm": 0}
         for parameter in self.parameters():
             if parameter.requires_grad:
-                group = "head" if id(parameter) in head_ids else "final_norm" if id(parameter) in norm_ids else "method"
-                groups[group] += parameter.numel()
+                groups[owners.get(id(parameter), "method")] += parameter.numel()
         return groups
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,47 +1,74 @@
-"""The driver every `recipes/<DS>/train.py` calls: command line, folds, one training run per fold, results.
+"""The pieces every `recipes/<DS>/train.py` shares; the flow itself is in train.py, as in SpeechBrain recipes.
 
-A recipe only says which preparation function to call, which folds its protocol has and which extra
-metrics it reports (`DatasetRecipe`). Everything else is the same for the five datasets:
+    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+    sb.utils.distributed.ddp_init_group(run_opts)
+    with recipe_errors(DATASET):
+        experiment = Experiment(DATASET, hparams_file, overrides, run_opts, folds=FOLDS)
+        for fold in experiment.folds_to_run():
+            hparams = experiment.load_hparams(fold)
+            sb.create_experiment_directory(experiment_directory=hparams["output_folder"])
+            experiment.record_hyperparams(fold)
+            manifests = experiment.prepare(prepare_<ds>, hparams, fold)   # rank 0 writes, the others wait
+            datasets = build_datasets(manifests, input_loader(hparams, experiment.feature_cache_folder))
+            brain = PETLBrain(...); brain.fit(...); brain.evaluate(...)
+            experiment.finish_fold(fold, brain, manifests)
+        experiment.write_results()
 
-    python recipes/<DS>/train.py recipes/<DS>/hparams/<method>.yaml --data_folder=DIR --output_folder=DIR \
-        [--fold=all|K] [--few_shot_samples=K] [--any_yaml_key=value] [SpeechBrain run options]
-
-Folded protocols run each fold in `<output_folder>/fold<k>/`; a fold whose `fold_result.json` exists is
-finished and skipped, an unfinished one resumes from its latest checkpoint. `<output_folder>/results.json`
-aggregates every finished fold found there (mean and population std over folds).
+Invariants:
+- One training run per fold in `<output_folder>/fold<k>/` (`<output_folder>/` for single-split datasets). A run
+  folder holds `hyperparams.yaml` (exactly what ran: loadable by plain `load_hyperpyyaml`), `save/CKPT+*/`,
+  `train_log.txt` and, once finished, `fold_result.json`. `<output_folder>/results.json` aggregates every
+  finished fold found there (mean and population std over folds), whichever job ran it.
+- Honest reruns: a finished fold with the same settings is skipped (the console says where its result is); a
+  run folder whose recorded settings differ from the command's stops the recipe, naming the keys, before
+  anything is written. Folds that ran with different settings are never aggregated.
+- `--test_only` needs a checkpoint and writes no result; `--debug` runs in `<output_folder>/debug/`, afresh.
+- Under DDP (torchrun) every rank runs the same flow; rank 0 alone writes files, the others wait for it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
+import shutil
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from io import StringIO
 from pathlib import Path
 
 import ruamel.yaml
 import speechbrain as sb
 import torch
+from hyperpyyaml import resolve_references
 from speechbrain.dataio.dataset import DynamicItemDataset
+from speechbrain.utils.distributed import ddp_barrier, if_main_process, run_on_main
 from speechbrain.utils.seed import seed_everything
 
 from .atomic import write_json_atomic, write_text_atomic
 from .backbones import ASTBackbone, BackboneLoadError
-from .data import AudioError, DataPreparationError, FeatureCache, read_audio, read_classes
-from .hparams_loader import HparamsError, check_overrides, compose, load_hparams, parse_overrides
-from .training import BASE_METRICS, MetricFn, PETLBrain, add_spec_augment, extra_train_loggers
+from .data import (
+    CLASSES_FILE,
+    AudioError,
+    DataPreparationError,
+    FeatureCache,
+    read_audio,
+    read_classes,
+    read_manifest,
+)
+from .hparams_loader import HparamsError, compose_tree, dump_tree, load_tree, parse_overrides, placeholders
+from .training import BASE_METRICS, MetricFn, missing_optional_packages
 
 logger = logging.getLogger(__name__)
 
 FOLD_RESULT = "fold_result.json"
 RESULTS = "results.json"
+HYPERPARAMS = "hyperparams.yaml"
 MANIFESTS = "manifests"
 FEATURE_CACHE = "feature_cache"
+DEBUG_FOLDER = "debug"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,31 +76,16 @@ class RecipeError(ValueError):
     """A command-line value is wrong; the message names the option and what was expected."""
 
 
-@dataclass(frozen=True)
-class DatasetRecipe:
-    """What a dataset recipe contributes; the rest is shared."""
-
-    name: str
-    prepare: Callable[..., dict[str, Path]]  # (data_folder, save_folder, [fold,] few_shot_samples, seed)
-    folds: tuple[int, ...] = ()  # empty: the official split, a single run
-    extra_metrics: Mapping[str, MetricFn] = field(default_factory=dict)
-
-    @property
-    def metrics(self) -> dict[str, MetricFn]:
-        return {**BASE_METRICS, **self.extra_metrics}
+USER_ERRORS = (HparamsError, RecipeError, DataPreparationError, AudioError, BackboneLoadError)
 
 
-def load_recipe(dataset: str) -> DatasetRecipe:
-    """The `RECIPE` of recipes/<dataset>/train.py, imported as its script would be (for in-process runs)."""
-    folder = REPO_ROOT / "recipes" / dataset
-    if not (folder / "train.py").is_file():
-        raise RecipeError(f"no recipe {dataset!r}: {folder / 'train.py'} not found")
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-    spec = importlib.util.spec_from_file_location(f"train_{dataset.lower()}", folder / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.RECIPE
+@contextmanager
+def recipe_errors(dataset: str) -> Iterator[None]:
+    """User errors as one line on stderr (`<DS> recipe: error: ...`) and exit status 1, no traceback."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        sys.exit(f"{dataset} recipe: error: {error}")
 
 
 def git_revision() -> str | None:
@@ -94,28 +106,48 @@ def git_revision() -> str | None:
     return revision + ("+dirty" if dirty else "")
 
 
-def select_folds(recipe: DatasetRecipe, fold: object) -> list[int | None]:
-    """`--fold=all` -> every fold; `--fold=K` -> [K]. Single-split datasets have one run (fold None)."""
-    if not recipe.folds:
+def select_folds(dataset: str, folds: Sequence[int], fold: object) -> list[int | None]:
+    """`--fold=all` -> every fold; `--fold=K` -> [K]. Single-split datasets (no folds) have one run (None)."""
+    if not folds:
         if fold not in ("all", 1):
-            raise RecipeError(f"--fold: {recipe.name} has one official split; expected 'all' or 1, got {fold!r}")
+            raise RecipeError(f"--fold: {dataset} has one official split; expected 'all' or 1, got {fold!r}")
         return [None]
     if fold == "all":
-        return list(recipe.folds)
-    if not isinstance(fold, int) or isinstance(fold, bool) or fold not in recipe.folds:
-        raise RecipeError(
-            f"--fold: {recipe.name} folds are {recipe.folds[0]}..{recipe.folds[-1]} or 'all'; got {fold!r}"
-        )
+        return list(folds)
+    if not isinstance(fold, int) or isinstance(fold, bool) or fold not in folds:
+        raise RecipeError(f"--fold: {dataset} folds are {folds[0]}..{folds[-1]} or 'all'; got {fold!r}")
     return [fold]
 
 
-def build_datasets(
-    manifests: Mapping[str, Path], classes: Sequence[str], load: Callable[[str], torch.Tensor] = read_audio
-) -> dict[str, DynamicItemDataset]:
-    """Manifests -> datasets yielding `sig` and `label_index` (position in classes.txt).
+def fold_key(fold: int | None) -> str:
+    return "official" if fold is None else str(fold)
 
-    `sig` is what `load` returns for the item's file: the 16 kHz waveform, or cached features.
+
+# --- the data pipeline --------------------------------------------------------------------------
+
+
+def input_loader(hparams: Mapping, cache_folder: Path) -> Callable[[str], torch.Tensor]:
+    """What `sig` is: AST's fbank through the feature cache (`cache_features`), else the 16 kHz waveform.
+
+    `feature_cache_folder` (null: `cache_folder`) may be shared by runs. Under DDP only rank 0 writes cached
+    features; the other ranks read what is there and compute the rest.
     """
+    backbone = hparams["model"].backbone
+    if not (hparams["cache_features"] and isinstance(backbone, ASTBackbone)):
+        return read_audio
+    folder = hparams["feature_cache_folder"] or cache_folder
+    front_end = backbone.front_end
+    return FeatureCache(folder, front_end.single, front_end.settings(), read_only=not if_main_process())
+
+
+def build_datasets(
+    manifests: Mapping[str, Path], load: Callable[[str], torch.Tensor] = read_audio
+) -> dict[str, DynamicItemDataset]:
+    """Manifests -> datasets yielding `sig` (what `load` returns for the item's file) and `label_index`.
+
+    `label_index` is the label's line in the `classes.txt` beside the manifests.
+    """
+    classes = read_classes(Path(manifests["train"]).parent / CLASSES_FILE)
     index = {label: position for position, label in enumerate(classes)}
 
     @sb.utils.data_pipeline.takes("wav")
@@ -136,98 +168,247 @@ def build_datasets(
     }
 
 
-def _dump_hparams(param_file: str, overrides: Mapping, path: Path) -> None:
-    """The fully composed hyperparameters (with overrides) as run, for the record."""
-    tree = compose(param_file)
-    tree.update(overrides)
-    stream = StringIO()
-    ruamel.yaml.YAML().dump(tree, stream)
-    write_text_atomic(path, stream.getvalue())
+# --- settings -----------------------------------------------------------------------------------
 
 
-def input_loader(hparams: Mapping, default_cache_folder: Path) -> Callable[[str], torch.Tensor]:
-    """What the data loaders read: AST's fbank through the feature cache (`cache_features`), else waveforms."""
-    backbone = hparams["model"].backbone
-    if not (hparams["cache_features"] and isinstance(backbone, ASTBackbone)):
-        return read_audio
-    folder = hparams["feature_cache_folder"] or default_cache_folder
-    return FeatureCache(folder, backbone.front_end.single, backbone.front_end.settings())
+def plain(node: object) -> object:
+    """A ruamel tree as plain Python (comments dropped; a tagged node becomes [tag, value]), for comparison."""
+    tag = getattr(getattr(node, "tag", None), "value", None)
+    if isinstance(node, Mapping):
+        value = {str(key): plain(item) for key, item in node.items()}
+    elif isinstance(node, list):
+        value = [plain(item) for item in node]
+    elif isinstance(node, (bool, type(None))):
+        return node
+    elif isinstance(node, int):
+        value = int(node)
+    elif isinstance(node, float):
+        value = float(node)
+    else:
+        value = str(getattr(node, "value", node))
+    return [tag, value] if isinstance(tag, str) and tag.startswith("!") else value
 
 
-def run_fold(
-    recipe: DatasetRecipe,
-    param_file: str,
-    run_opts,
-    overrides: Mapping,
-    fold: int | None,
-    run_folder: Path,
-    output_folder: Path,
-    seed: int,
-) -> dict:
-    """Train, select on validation, test with the selected checkpoint; returns this fold's results.
+def resolved_settings(tree: Mapping) -> dict:
+    """The top-level scalar values of a composed tree with every `!ref` resolved (nothing instantiated)."""
+    text = resolve_references(StringIO(dump_tree(tree))).getvalue()
+    resolved = ruamel.yaml.YAML().load(text) or {}
+    return {key: plain(value) for key, value in resolved.items() if not isinstance(plain(value), (dict, list))}
 
-    The seed is set before the model is built, so every fold starts from the same initialisation.
+
+def differing_keys(recorded: Mapping, wanted: Mapping) -> list[str]:
+    """Keys whose values differ between two trees (as `plain` sees them)."""
+    recorded, wanted = plain(recorded), plain(wanted)
+    return sorted(key for key in set(recorded) | set(wanted) if recorded.get(key) != wanted.get(key))
+
+
+# --- the experiment -----------------------------------------------------------------------------
+
+
+class Experiment:
+    """One recipe command: its settings, the folds it runs, their records and results.json.
+
+    Everything that can be wrong with the command (options, placeholders, data folder, optional packages,
+    reruns with other settings, `--test_only` without checkpoint) is checked here, before anything is written.
     """
-    seed_everything(seed)
-    hparams = load_hparams(param_file, {**overrides, "output_folder": str(run_folder)})
-    sb.create_experiment_directory(experiment_directory=str(run_folder))
-    _dump_hparams(param_file, {**overrides, "output_folder": str(run_folder)}, run_folder / "hyperparams.yaml")
 
-    fold_args = {} if fold is None else {"fold": fold}
-    manifests = recipe.prepare(
-        data_folder=hparams["data_folder"],
-        save_folder=output_folder / MANIFESTS,
-        few_shot_samples=hparams["few_shot_samples"],
-        seed=hparams["seed"],
-        **fold_args,
-    )
-    classes = read_classes(Path(manifests["train"]).parent / "classes.txt")
-    if len(classes) != hparams["num_classes"]:
-        raise RecipeError(
-            f"num_classes is {hparams['num_classes']} but the prepared {recipe.name} data has "
-            f"{len(classes)} classes; set --num_classes={len(classes)}"
+    def __init__(
+        self,
+        dataset: str,
+        hparams_file: str,
+        overrides: str | Mapping | None,
+        run_opts: Mapping,
+        folds: Sequence[int] = (),
+        metrics: Mapping[str, MetricFn] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.hparams_file = hparams_file
+        self.folds = tuple(folds)
+        self.metrics = {**BASE_METRICS, **(metrics or {})}
+        self.debug = bool(run_opts.get("debug"))
+        self.test_only = bool(run_opts.get("test_only"))
+        self.overrides = parse_overrides(overrides)
+        tree = compose_tree(hparams_file, self.overrides)
+        missing = placeholders(tree)
+        if missing:
+            raise RecipeError(f"{missing[0]} is not set: give --{missing[0]}=... or set {missing[0]} in {hparams_file}")
+        self.settings = resolved_settings(tree)
+        data_folder = Path(str(self.settings["data_folder"]))
+        if not data_folder.is_dir():
+            raise RecipeError(f"--data_folder: {data_folder} is not a folder; give the {dataset} dataset root")
+        missing_packages = missing_optional_packages(self.settings)
+        if missing_packages:
+            raise RecipeError(missing_packages[0])
+        output_folder = Path(str(self.settings["output_folder"])).absolute()
+        self.output_folder = output_folder / DEBUG_FOLDER if self.debug else output_folder
+        self.selected = select_folds(dataset, self.folds, self.settings.get("fold", "all"))
+        self.trees = {fold: self._fold_tree(fold) for fold in self.selected}
+        if self.debug:  # a throw-away run: never resumed, never mixed with real results
+            run_on_main(shutil.rmtree, args=[self.output_folder], kwargs={"ignore_errors": True})
+        self.finished = {fold: self._check_rerun(fold) for fold in self.selected}
+        self._check_other_folds()
+        ddp_barrier()  # every rank has looked at the folders before rank 0 writes in them
+
+    # -- planning
+
+    def run_folder(self, fold: int | None) -> Path:
+        return self.output_folder if fold is None else self.output_folder / f"fold{fold}"
+
+    @property
+    def feature_cache_folder(self) -> Path:
+        """The default feature cache, shared by the folds of this output folder."""
+        return self.output_folder / FEATURE_CACHE
+
+    def _fold_tree(self, fold: int | None) -> dict:
+        """The tree this fold runs: the command's, with its run folder and fold number."""
+        fold_value = "all" if fold is None else fold
+        return compose_tree(
+            self.hparams_file, {**self.overrides, "output_folder": str(self.run_folder(fold)), "fold": fold_value}
         )
-    datasets = build_datasets(manifests, classes, input_loader(hparams, output_folder / FEATURE_CACHE))
 
-    model = hparams["model"]
-    if hparams["spec_augment"]:
-        add_spec_augment(model, hparams["freq_mask"], hparams["time_mask"])
-    brain = PETLBrain(
-        modules={"model": model},
-        opt_class=hparams["opt_class"],
-        hparams=hparams,
-        run_opts=run_opts,
-        checkpointer=hparams["checkpointer"],
-        metrics=recipe.metrics,
-        extra_loggers=extra_train_loggers(hparams),
-    )
-    train_loader = brain.make_train_loader(datasets["train"])
-    brain.fit(
-        hparams["epoch_counter"],
-        train_loader,
-        datasets["valid"],
-        valid_loader_kwargs=hparams["test_dataloader_options"],
-    )
-    brain.evaluate(
-        datasets["test"],
-        max_key=hparams["selection_metric"],
-        test_loader_kwargs=dict(hparams["test_dataloader_options"]),
-    )
-    best = brain.best_checkpoint()
-    groups = model.trainable_parameter_groups()
-    return {
-        "fold": fold,
-        "epoch": best.meta["epoch"] if best else None,
-        "valid": {name: best.meta[name] for name in ("loss", *recipe.metrics)} if best else None,
-        "test": brain.test_stats,
-        "classes": classes,
-        "train_items": len(datasets["train"]),
-        "parameters": {
-            "trainable": sum(groups.values()),
-            "trainable_groups": groups,
-            "backbone": model.backbone_parameters(),
-        },
-    }
+    def _check_rerun(self, fold: int | None) -> bool:
+        """True when the fold is finished with these settings; an error when its folder ran other settings."""
+        folder = self.run_folder(fold)
+        record = folder / HYPERPARAMS
+        if record.is_file():
+            differ = differing_keys(ruamel.yaml.YAML().load(record.read_text(encoding="utf-8")), self.trees[fold])
+            if differ:
+                raise RecipeError(
+                    f"{folder} ran with other settings ({', '.join(differ)} differ from {record}); "
+                    "rerun with the recorded values or choose another --output_folder"
+                )
+        finished = (folder / FOLD_RESULT).is_file()
+        if self.test_only:
+            save_folder = Path(str(resolved_settings(self.trees[fold])["save_folder"]))
+            if not any(save_folder.glob("CKPT+*")):
+                raise RecipeError(f"--test_only: no checkpoint in {save_folder}; train first (without --test_only)")
+            return False
+        return finished
+
+    def _check_other_folds(self) -> None:
+        """Folds finished by other jobs in this output folder must have run this command's settings."""
+        for fold in self.folds:
+            record = self.run_folder(fold) / HYPERPARAMS
+            if fold in self.selected or not (self.run_folder(fold) / FOLD_RESULT).is_file() or not record.is_file():
+                continue
+            differ = differing_keys(ruamel.yaml.YAML().load(record.read_text(encoding="utf-8")), self._fold_tree(fold))
+            if differ:
+                raise RecipeError(
+                    f"fold {fold} in {self.output_folder} ran with other settings ({', '.join(differ)} differ); "
+                    "its results would be aggregated with these: choose another --output_folder"
+                )
+
+    def folds_to_run(self) -> Iterator[int | None]:
+        """The selected folds that still need training (all of them with `--test_only`)."""
+        for fold in self.selected:
+            if self.finished[fold]:
+                self.say(
+                    f"{self.dataset}: {self.run_folder(fold)} is finished with these settings: "
+                    f"{self.run_folder(fold) / FOLD_RESULT}, aggregated in {self.output_folder / RESULTS}"
+                )
+                continue
+            yield fold
+
+    # -- one fold
+
+    def load_hparams(self, fold: int | None) -> dict:
+        """The fold's hyperparameters, instantiated after seeding (every fold starts from the same init)."""
+        seed_everything(int(self.settings["seed"]))
+        return load_tree(self.trees[fold])
+
+    def record_hyperparams(self, fold: int | None) -> None:
+        """`<run>/hyperparams.yaml`: the tree that runs, self-contained (rank 0; not under `--test_only`)."""
+        if self.test_only:
+            return
+        header = (
+            f"What ran in {self.run_folder(fold)}: {self.hparams_file} with its `extends:` and the command-line\n"
+            "options merged. Self-contained: hyperpyyaml.load_hyperpyyaml loads it and train.py runs it unchanged."
+        )
+        run_on_main(write_text_atomic, args=[self.run_folder(fold) / HYPERPARAMS, dump_tree(self.trees[fold], header)])
+
+    def prepare(self, prepare: Callable[..., dict[str, Path]], hparams: Mapping, fold: int | None) -> dict[str, Path]:
+        """Manifests of this fold, written by rank 0 (the others wait); checks `num_classes` against them."""
+        kwargs = {
+            "data_folder": hparams["data_folder"],
+            "save_folder": self.output_folder / MANIFESTS,
+            "few_shot_samples": hparams["few_shot_samples"],
+            "seed": hparams["seed"],
+        }
+        if fold is not None:
+            kwargs["fold"] = fold
+        manifests = run_on_main(prepare, kwargs=kwargs)
+        classes = read_classes(Path(manifests["train"]).parent / CLASSES_FILE)
+        if len(classes) != hparams["num_classes"]:
+            raise RecipeError(
+                f"num_classes is {hparams['num_classes']} but the prepared {self.dataset} data has "
+                f"{len(classes)} classes; set --num_classes={len(classes)}"
+            )
+        return manifests
+
+    def finish_fold(self, fold: int | None, brain, manifests: Mapping[str, Path]) -> dict:
+        """This fold's result; written to `<run>/fold_result.json` by rank 0 unless `--test_only`."""
+        best = brain.best_checkpoint()
+        model = brain.hparams.model
+        groups = model.trainable_parameter_groups()
+        folder = self.run_folder(fold)
+        result = {
+            "fold": fold,
+            "epoch": best.meta["epoch"] if best else None,
+            "valid": {name: best.meta[name] for name in ("loss", *self.metrics)} if best else None,
+            "test": brain.test_stats,
+            "classes": read_classes(Path(manifests["train"]).parent / CLASSES_FILE),
+            "train_items": len(read_manifest(manifests["train"])),
+            "parameters": {
+                "trainable": sum(groups.values()),
+                "trainable_groups": groups,
+                "backbone": model.backbone_parameters(),
+            },
+            "settings": {
+                key: plain(value)
+                for key, value in vars(brain.hparams).items()
+                if isinstance(value, (str, int, float, bool, type(None)))
+                and key != "fold"
+                and not (isinstance(value, str) and value.startswith(str(folder)))
+            },
+        }
+        if self.test_only:
+            self.say(f"{self.dataset}: test only, nothing written; test set of {folder}: {brain.test_stats}")
+        else:
+            run_on_main(write_json_atomic, args=[folder / FOLD_RESULT, result])
+        return result
+
+    # -- results.json
+
+    def finished_results(self) -> dict[str, dict]:
+        """Every finished fold under the output folder (this command's and other jobs'), by fold key."""
+        folds = self.folds or (None,)
+        results = {}
+        for fold in folds:
+            done = self.run_folder(fold) / FOLD_RESULT
+            if done.is_file():
+                results[fold_key(fold)] = json.loads(done.read_text(encoding="utf-8"))
+        return results
+
+    def write_results(self) -> dict | None:
+        """Aggregate the finished folds into `<output_folder>/results.json` (written by rank 0); None if none.
+
+        Every rank aggregates (so an error stops every rank alike); rank 0 writes.
+        """
+        if self.test_only:
+            return None
+        results = self.finished_results()
+        if not results:
+            return None
+        summary = aggregate(self.dataset, self.folds, self.metrics, results, self.debug)
+        run_on_main(write_json_atomic, args=[self.output_folder / RESULTS, summary])
+        self.say(f"{self.dataset}: results of {len(results)} fold(s) in {self.output_folder / RESULTS}")
+        return summary
+
+    @staticmethod
+    def say(message: str) -> None:
+        """A line on the console, from rank 0 only."""
+        if if_main_process():
+            print(message, flush=True)
 
 
 def _mean_std(results: Sequence[dict], split: str, names: Sequence[str]) -> tuple[dict, dict]:
@@ -237,19 +418,40 @@ def _mean_std(results: Sequence[dict], split: str, names: Sequence[str]) -> tupl
     return mean, std
 
 
-def aggregate(recipe: DatasetRecipe, settings: Mapping, results: Mapping[str, dict], debug: bool) -> dict:
-    """The content of results.json: per-fold results, mean/std over folds, parameters and provenance."""
-    names = ("loss", *recipe.metrics)
+def common_settings(results: Mapping[str, dict]) -> dict:
+    """The settings the folds ran with; folds that ran with different settings cannot be aggregated."""
+    items = list(results.items())
+    first_key, first = items[0]
+    settings = first.get("settings", {})
+    for key, result in items[1:]:
+        other = result.get("settings", {})
+        differ = sorted(name for name in set(settings) | set(other) if settings.get(name) != other.get(name))
+        if differ:
+            raise RecipeError(
+                f"fold {key} and fold {first_key} ran with different settings ({', '.join(differ)}); "
+                "give each experiment its own --output_folder"
+            )
+    return settings
+
+
+def aggregate(
+    dataset: str, folds: Sequence[int], metrics: Mapping[str, MetricFn], results: Mapping[str, dict], debug: bool
+) -> dict:
+    """The content of results.json: per-fold results, mean/std over folds, parameters and provenance.
+
+    Settings come from the folds' own records, never from the command that aggregates them.
+    """
+    names = ("loss", *metrics)
     ordered = [results[key] for key in sorted(results, key=lambda k: (len(k), k))]
+    settings = common_settings(results)
     summary_mean, summary_std = {}, {}
     for split in ("valid", "test"):
         summary_mean[split], summary_std[split] = _mean_std(ordered, split, names)
-    parameters = dict(ordered[0]["parameters"]) if ordered else {}
-    if parameters:
-        parameters["trainable_percent"] = 100.0 * parameters["trainable"] / parameters["backbone"]
-    all_folds = [str(k) for k in recipe.folds] if recipe.folds else ["official"]
+    parameters = dict(ordered[0]["parameters"])
+    parameters["trainable_percent"] = 100.0 * parameters["trainable"] / parameters["backbone"]
+    all_folds = [str(k) for k in folds] if folds else ["official"]
     return {
-        "dataset": recipe.name,
+        "dataset": dataset,
         "method": settings.get("method_name"),
         "backbone": settings.get("backbone"),
         "backbone_source": settings.get("backbone_source"),
@@ -259,66 +461,9 @@ def aggregate(recipe: DatasetRecipe, settings: Mapping, results: Mapping[str, di
         "git_revision": git_revision(),
         "debug": debug,
         "parameters": parameters,
-        "folds": dict(zip((str(r["fold"] or "official") for r in ordered), ordered)),
+        "folds": {fold_key(r["fold"]): r for r in ordered},
         "folds_missing": [k for k in all_folds if k not in results],
         "mean": summary_mean,
         "std": summary_std,
+        "settings": settings,
     }
-
-
-def _plain(value: object) -> object:
-    """Command-line and YAML scalars as Python values (ruamel's tagged scalars become str)."""
-    return value if isinstance(value, (int, float, bool, type(None))) else str(value)
-
-
-def run(recipe: DatasetRecipe, argv: Sequence[str] | None = None) -> dict:
-    """Run the recipe's folds as asked on the command line; returns the results.json content."""
-    param_file, run_opts, override_text = sb.parse_arguments(list(sys.argv[1:] if argv is None else argv))
-    overrides = parse_overrides(override_text)
-    tree = compose(param_file)
-    check_overrides(tree, overrides, param_file)  # before any model is built
-    settings = {
-        key: _plain(value) for key, value in {**tree, **overrides}.items() if not isinstance(value, (Mapping, list))
-    }
-    for required in ("data_folder", "output_folder"):
-        if required not in overrides:
-            raise RecipeError(f"--{required}=DIR is required")
-    data_folder = Path(str(overrides["data_folder"]))
-    if not data_folder.is_dir():
-        raise RecipeError(f"--data_folder: {data_folder} is not a folder; give the {recipe.name} dataset root")
-    output_folder = Path(str(overrides["output_folder"]))
-    debug = bool(run_opts["debug"])
-
-    results: dict[str, dict] = {}
-    for fold in select_folds(recipe, settings.get("fold", "all")):
-        run_folder = output_folder / f"fold{fold}" if fold is not None else output_folder
-        key = str(fold or "official")
-        done = run_folder / FOLD_RESULT
-        if done.is_file():
-            logger.info("%s: fold %s already finished (%s), skipped", recipe.name, key, done)
-            results[key] = json.loads(done.read_text())
-            continue
-        results[key] = run_fold(
-            recipe, param_file, run_opts, overrides, fold, run_folder, output_folder, int(settings["seed"])
-        )
-        if not debug:  # debug runs use throw-away checkpoints: never mark them finished
-            write_json_atomic(done, results[key])
-    for other in recipe.folds:  # folds finished by other invocations (e.g. one job per fold)
-        done = output_folder / f"fold{other}" / FOLD_RESULT
-        if str(other) not in results and done.is_file():
-            results[str(other)] = json.loads(done.read_text())
-    summary = aggregate(recipe, settings, results, debug)
-    write_json_atomic(output_folder / RESULTS, summary)
-    logger.info("%s results written to %s", recipe.name, output_folder / RESULTS)
-    return summary
-
-
-USER_ERRORS = (HparamsError, RecipeError, DataPreparationError, AudioError, BackboneLoadError)
-
-
-def main(recipe: DatasetRecipe, argv: Sequence[str] | None = None) -> dict:
-    """`run`, with user errors reported as one line on stderr and exit status 1 (no traceback)."""
-    try:
-        return run(recipe, argv)
-    except USER_ERRORS as error:
-        sys.exit(f"{recipe.name} recipe: error: {error}")

@@ -18,10 +18,16 @@ from .model import PETLModel
 
 
 def summarize(model: PETLModel, method_name: str | None = None) -> dict:
-    """Backbone and trainable parameter counts, by group, and their share of the backbone."""
+    """Backbone and trainable parameter counts, by group, and their share of the backbone.
+
+    The method alone excludes the sub-layer LayerNorms trained beside it (`sublayer_norm_params`), as the
+    papers' percentages do. LoRA models also report the effective scale of their updates (`lora_scale`).
+    """
     backbone = model.backbone_parameters()
     groups = model.trainable_parameter_groups()
     trainable = sum(groups.values())
+    lora = model.lora_layers()
+    extra = {"lora_scale": lora[0].lora.scale} if lora else {}  # one method: every layer has the same scale
     return {
         "method": method_name or model.method.name,
         "backbone": type(model.backbone).__name__,
@@ -32,6 +38,8 @@ def summarize(model: PETLModel, method_name: str | None = None) -> dict:
         "method_percent": 100 * groups["method"] / backbone,
         "head_params": groups["head"],
         "final_norm_params": groups["final_norm"],
+        "sublayer_norm_params": groups["sublayer_norm"],
+        **extra,
     }
 
 
@@ -84,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{summary['method']} on {summary['backbone']}")
     print(f"  backbone parameters   {summary['backbone_params']:>12,}")
-    for group in ("method", "final_norm", "head"):
-        print(f"  trainable: {group:<10} {summary[group + '_params']:>12,}")
+    for group in ("method", "final_norm", "sublayer_norm", "head"):
+        print(f"  trainable: {group:<13} {summary[group + '_params']:>9,}")
+    if "lora_scale" in summary:
+        print(f"  LoRA scale            {summary['lora_scale']:>12}")
     print(
         f"  trainable in all      {summary['trainable_params']:>12,}  "
         f"({summary['trainable_percent']:.3f} % of the backbone; method alone {summary['method_percent']:.3f} %)"

@@ -1,12 +1,15 @@
 """The one SpeechBrain Brain of every recipe: training, validation with checkpoint selection, testing.
 
 Also the pieces it needs that SpeechBrain does not offer as we want them: a per-step cosine schedule that
-checkpoints, a checkpointer that saves only the trainable state and saves atomically, the RNG state as a
-recoverable (so a resumed run continues exactly), SpecAugment on AST's fbank, and classification metrics.
+checkpoints, a checkpointer that saves only the trainable state and saves atomically (also under DDP, where
+rank 0 writes and the other ranks wait), the RNG state as a recoverable (so a resumed run continues exactly),
+and classification metrics. SpecAugment is declared in the YAML (`augmentation`) and applied by
+`compute_forward` on the training stage, as SpeechBrain recipes apply their augmentations.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -19,6 +22,7 @@ import numpy as np
 import speechbrain as sb
 import torch
 import torch.nn.functional as F
+from speechbrain.dataio.dataloader import LoopedLoader
 from speechbrain.dataio.sampler import ReproducibleRandomSampler
 from speechbrain.utils.checkpoints import (
     Checkpoint,
@@ -27,8 +31,10 @@ from speechbrain.utils.checkpoints import (
     mark_as_saver,
     register_checkpoint_hooks,
 )
+from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process
+from torch.utils.data import DataLoader
 
-from .backbones.ast import ASTBackbone, SpecAugment
+from .backbones.ast import ASTBackbone
 from .model import PETLModel
 
 logger = logging.getLogger(__name__)
@@ -91,25 +97,50 @@ class TrainableState:
 
     @mark_as_loader
     def load(self, path: Path, end_of_epoch: bool) -> None:
-        self.model.load_trainable_state_dict(torch.load(path, map_location="cpu"))
+        self.model.load_trainable_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 @register_checkpoint_hooks
 class RNGState:
-    """Python, NumPy and torch generators, so that a resumed run draws what the uninterrupted one drew."""
+    """Python, NumPy and torch generators, so that a resumed run draws what the uninterrupted one drew.
+
+    Saved as tensors, ints and strings only, so that it loads with `torch.load(weights_only=True)`: Python's
+    state is (version, 625 ints, gauss) and NumPy's (name, 624 uint32 keys, pos, has_gauss, cached_gaussian).
+    """
 
     @mark_as_saver
     def save(self, path: Path) -> None:
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        version, python_state, gauss = random.getstate()
+        name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+        state = {
+            "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
+            "numpy": {
+                "name": name,
+                "keys": torch.from_numpy(keys.astype(np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached_gaussian),
+            },
+            "torch": torch.get_rng_state(),
+        }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(state, path)
 
     @mark_as_loader
     def load(self, path: Path, end_of_epoch: bool) -> None:
-        state = torch.load(path, weights_only=False)
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        state = torch.load(path, weights_only=True)
+        python, numpy = state["python"], state["numpy"]
+        random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+        np.random.set_state(
+            (
+                numpy["name"],
+                numpy["keys"].numpy().astype(np.uint32),
+                numpy["pos"],
+                numpy["has_gauss"],
+                numpy["cached_gaussian"],
+            )
+        )
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -120,14 +151,17 @@ class AtomicCheckpointer(Checkpointer):
 
     SpeechBrain writes CKPT.yaml first and the parameter files after, so a run killed while saving leaves a
     checkpoint that looks valid and fails to load. Here each checkpoint is written in a staging folder and
-    renamed into place (an atomic rename on one file system). Single-process saving (no DDP) is assumed.
+    renamed into place (an atomic rename on one file system). Under DDP every rank calls `save_checkpoint`
+    (SpeechBrain's savers are collective); rank 0 chooses the name, writes and renames, and the other ranks
+    wait for the rename and return None, as SpeechBrain's Checkpointer does on them.
     """
 
     STAGING = ".staging"
 
     def __init__(self, checkpoints_dir: str | Path, *args, **kwargs) -> None:
         super().__init__(checkpoints_dir, *args, **kwargs)
-        shutil.rmtree(Path(checkpoints_dir) / self.STAGING, ignore_errors=True)
+        if if_main_process():
+            shutil.rmtree(Path(checkpoints_dir) / self.STAGING, ignore_errors=True)
 
     def save_checkpoint(
         self,
@@ -135,8 +169,11 @@ class AtomicCheckpointer(Checkpointer):
         end_of_epoch: bool = True,
         name: str | None = None,
         verbosity: int = logging.INFO,
-    ) -> Checkpoint:
-        final_dir = self._custom_checkpoint_dirpath(name) if name else self._new_checkpoint_dirpath()
+    ) -> Checkpoint | None:
+        final_dir = None
+        if if_main_process():
+            final_dir = self._custom_checkpoint_dirpath(name) if name else self._new_checkpoint_dirpath()
+        final_dir = ddp_broadcast(final_dir)
         root = self.checkpoints_dir
         self.checkpoints_dir = root / self.STAGING
         try:
@@ -148,8 +185,12 @@ class AtomicCheckpointer(Checkpointer):
             )
         finally:
             self.checkpoints_dir = root
-        os.replace(staged.path, final_dir)
-        logger.log(verbosity, "Saved a checkpoint in %s", final_dir)
+        if staged is not None:  # rank 0
+            os.replace(staged.path, final_dir)
+            logger.log(verbosity, "Saved a checkpoint in %s", final_dir)
+        ddp_barrier()  # the other ranks may read it from now on
+        if staged is None:
+            return None
         return Checkpoint(
             final_dir, staged.meta, {key: final_dir / path.name for key, path in staged.paramfiles.items()}
         )
@@ -193,20 +234,8 @@ class CosineSchedule:
 
     @mark_as_loader
     def load(self, path: Path, end_of_epoch: bool) -> None:
-        self.steps = torch.load(path)["steps"]
+        self.steps = torch.load(path, weights_only=True)["steps"]
         self._apply()
-
-
-# --- SpecAugment --------------------------------------------------------------------------------
-
-
-def add_spec_augment(model: PETLModel, freq_mask: int, time_mask: int) -> bool:
-    """SpecAugment on AST's fbank during training; False (unchanged) for waveform backbones."""
-    if not isinstance(model.backbone, ASTBackbone):
-        logger.info("SpecAugment skipped: %s takes waveforms, not an fbank", type(model.backbone).__name__)
-        return False
-    model.backbone.spec_augment = SpecAugment(freq_mask, time_mask)
-    return True
 
 
 # --- the Brain ----------------------------------------------------------------------------------
@@ -215,10 +244,13 @@ def add_spec_augment(model: PETLModel, freq_mask: int, time_mask: int) -> bool:
 class PETLBrain(sb.Brain):
     """Cross-entropy classification with a PETLModel in `modules["model"]`.
 
-    Only trainable parameters reach AdamW; the cosine schedule steps with the optimizer. Each validation saves
+    Only trainable parameters reach AdamW; the cosine schedule steps with the optimizer over
+    `number_of_epochs` x the length of the train loader that `fit` iterates, whoever built it (`fit` given a
+    dataset and `train_loader_kwargs`, or a DataLoader). A train loader made here draws a seeded order
+    (`seed` and the epoch: resumable mid-epoch), split round-robin across ranks under DDP. Each validation saves
     a checkpoint carrying the validation metrics, keeping the best (by `selection_metric`) and the latest;
-    `evaluate` then loads the best one. Expects hparams: `num_classes`, `number_of_epochs`, `seed`,
-    `warmup_steps`, `selection_metric`, `train_logger`, `train_dataloader_options`.
+    `evaluate` then loads the best one. Expects hparams: `model`, `num_classes`, `number_of_epochs`, `seed`,
+    `warmup_steps`, `selection_metric`, `train_logger`; optional: `spec_augment` with `augmentation`.
     """
 
     def __init__(
@@ -231,16 +263,43 @@ class PETLBrain(sb.Brain):
         self.lr_schedule: CosineSchedule | None = None
         self.train_loss: float | None = None
         self.test_stats: dict | None = None
+        self.augment_fbank = bool(getattr(self.hparams, "spec_augment", False))
+        if self.augment_fbank and not isinstance(self.hparams.model.backbone, ASTBackbone):
+            logger.info(
+                "SpecAugment skipped: %s takes waveforms, not an fbank", type(self.hparams.model.backbone).__name__
+            )
+            self.augment_fbank = False
         if self.checkpointer is not None:
             self.checkpointer.add_recoverable("rng", RNGState())
 
-    def make_train_loader(self, dataset) -> torch.utils.data.DataLoader:
-        """A checkpointable loader whose order depends on the seed and the epoch only (resumable)."""
-        sampler = ReproducibleRandomSampler(dataset, seed=self.hparams.seed)
-        self.train_sampler = sampler  # fit() calls set_epoch on it
-        loader = self.make_dataloader(dataset, sb.Stage.TRAIN, sampler=sampler, **self.hparams.train_dataloader_options)
-        self.steps_per_epoch = len(loader)
-        return loader
+    def make_dataloader(self, dataset, stage: sb.Stage, ckpt_prefix: str | None = "dataloader-", **loader_kwargs):
+        """SpeechBrain's loaders; the train one gets the seeded sampler unless a sampler or shuffle is given."""
+        if stage == sb.Stage.TRAIN and not {"sampler", "batch_sampler", "shuffle"} & set(loader_kwargs):
+            loader_kwargs["sampler"] = ReproducibleRandomSampler(dataset, seed=self.hparams.seed)
+            self.train_sampler = loader_kwargs["sampler"]  # fit() calls set_epoch on it (or on its DDP wrapper)
+        return super().make_dataloader(dataset, stage, ckpt_prefix=ckpt_prefix, **loader_kwargs)
+
+    def fit(
+        self,
+        epoch_counter,
+        train_set,
+        valid_set=None,
+        progressbar: bool | None = None,
+        train_loader_kwargs: Mapping | None = None,
+        valid_loader_kwargs: Mapping | None = None,
+    ) -> None:
+        """SpeechBrain's `fit`; the train loader is built first so the schedule knows its length."""
+        if not self.test_only and not isinstance(train_set, (DataLoader, LoopedLoader)):
+            train_set = self.make_dataloader(train_set, sb.Stage.TRAIN, **dict(train_loader_kwargs or {}))
+        if not self.test_only:
+            self.steps_per_epoch = len(train_set)
+        super().fit(
+            epoch_counter,
+            train_set,
+            valid_set,
+            progressbar=progressbar,
+            valid_loader_kwargs=dict(valid_loader_kwargs or {}),
+        )
 
     def init_optimizers(self) -> None:
         trainable = [p for p in self.modules.parameters() if p.requires_grad]
@@ -254,8 +313,12 @@ class PETLBrain(sb.Brain):
 
     def compute_forward(self, batch, stage: sb.Stage) -> torch.Tensor:
         batch = batch.to(self.device)
-        wavs, wav_lens = batch.sig
-        return self.modules.model(wavs, wav_lens)
+        inputs, lengths = batch.sig  # waveforms (batch, samples) or cached fbank (batch, frames, mel)
+        if stage == sb.Stage.TRAIN and self.augment_fbank:
+            backbone = self.hparams.model.backbone
+            fbank = inputs if inputs.dim() == 3 else backbone.front_end(inputs, lengths)
+            inputs = self.hparams.augmentation(fbank)
+        return self.modules.model(inputs, lengths)
 
     def compute_objectives(self, logits: torch.Tensor, batch, stage: sb.Stage) -> torch.Tensor:
         targets = batch.label_index.to(logits.device)
@@ -301,28 +364,40 @@ class PETLBrain(sb.Brain):
 
 
 def extra_train_loggers(hparams: Mapping) -> tuple:
-    """TensorBoard and wandb loggers when asked for; imported lazily, with a clear error when missing."""
+    """TensorBoard and wandb loggers when asked for, on rank 0 only (imported lazily: optional packages).
+
+    Recipes check that the packages are installed before anything is written (`missing_optional_packages`).
+    """
+    if not if_main_process():
+        return ()
     loggers = []
     if hparams.get("use_tensorboard"):
-        try:
-            from speechbrain.utils.train_logger import TensorboardLogger
+        from speechbrain.utils.train_logger import TensorboardLogger
 
-            loggers.append(TensorboardLogger(save_dir=str(Path(hparams["output_folder"]) / "tensorboard")))
-        except ImportError as error:
-            raise RuntimeError(f"--use_tensorboard=True needs the tensorboard package ({error})") from None
+        loggers.append(TensorboardLogger(save_dir=str(Path(hparams["output_folder"]) / "tensorboard")))
     if hparams.get("use_wandb"):
         loggers.append(WandbLogger(hparams))
     return tuple(loggers)
+
+
+OPTIONAL_PACKAGES = {"use_tensorboard": "tensorboard", "use_wandb": "wandb"}
+
+
+def missing_optional_packages(settings: Mapping) -> list[str]:
+    """`--option=True (needs PACKAGE)` for each logger asked for whose package is not installed."""
+    return [
+        f"--{option}=True needs the {package} package (pip install {package})"
+        for option, package in OPTIONAL_PACKAGES.items()
+        if settings.get(option) and importlib.util.find_spec(package) is None
+    ]
 
 
 class WandbLogger:
     """Logs the same stats as train_log.txt to Weights & Biases (one run per fold)."""
 
     def __init__(self, hparams: Mapping) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise RuntimeError("--use_wandb=True needs the wandb package (pip install wandb)") from None
+        import wandb  # checked by missing_optional_packages before the run starts
+
         self.run = wandb.init(
             project=hparams.get("wandb_project"),
             dir=str(hparams["output_folder"]),

@@ -237,10 +237,10 @@ def test_cached_fbank_gives_the_same_logits_and_is_computed_once(checkpoints, tm
 def test_spec_augment_applies_to_cached_features_in_training_only(checkpoints):
     from tiny_models import build_model
 
-    from petl_modules.training import add_spec_augment
+    from petl_modules.backbones.ast import SpecAugment
 
     model = build_model(checkpoints["ast"], "linear")
-    assert add_spec_augment(model, freq_mask=24, time_mask=80)
+    model.backbone.spec_augment = SpecAugment(freq_mask=24, time_mask=80)
     features = torch.randn(4, 100, 128)
     model.train()
     torch.manual_seed(0)
@@ -249,3 +249,48 @@ def test_spec_augment_applies_to_cached_features_in_training_only(checkpoints):
     with torch.no_grad():
         assert not torch.allclose(trained, model(features))
         torch.testing.assert_close(model(features), model(features))
+
+
+QUIET = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0)
+
+
+@pytest.mark.parametrize("layerdrop", [0.0, 1.0])
+def test_wav2vec2_layerdrop_acts_in_training_mode_only(tmp_path, layerdrop):
+    """The reference's full fine-tuning runs in training mode: the checkpoint's LayerDrop skips layers."""
+    folder = write_random_checkpoint("wav2vec2", tmp_path / "w2v", layerdrop=layerdrop, mask_time_prob=0.0, **QUIET)
+    backbone = Wav2Vec2Backbone(str(folder))
+    calls = []
+    for layer in backbone.layers:
+        layer.register_forward_hook(lambda *args: calls.append(1))
+    wavs, lens = waveforms()
+    with torch.no_grad():
+        backbone.eval()
+        backbone(wavs, lens)
+        assert len(calls) == len(backbone.layers)
+        backbone.train()
+        embedded, _ = backbone.embed(wavs, lens)
+        tokens, _ = backbone(wavs, lens)
+    if layerdrop == 1.0:  # every layer skipped: the output is the encoder's input
+        assert len(calls) == len(backbone.layers)
+        torch.testing.assert_close(tokens, embedded, rtol=0, atol=0)
+    else:
+        assert len(calls) == 2 * len(backbone.layers)
+
+
+def test_wav2vec2_time_masking_acts_in_training_mode_only(tmp_path):
+    """Frames replaced by the checkpoint's learned mask embedding (`mask_time_prob`), as in Hugging Face's forward."""
+    folder = write_random_checkpoint(
+        "wav2vec2", tmp_path / "w2v", layerdrop=0.0, mask_time_prob=0.5, mask_time_length=2, **QUIET
+    )
+    backbone = Wav2Vec2Backbone(str(folder))
+    with torch.no_grad():
+        backbone.model.masked_spec_embed.normal_()
+    seen = []
+    backbone.model.encoder.pos_conv_embed.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    wavs, lens = waveforms()
+    with torch.no_grad():
+        backbone.eval()(wavs, lens)
+        backbone.train()(wavs, lens)
+    masked = [(frames == backbone.model.masked_spec_embed).all(dim=-1) for frames in seen]
+    assert not masked[0].any()
+    assert 0.2 < masked[1].float().mean() < 0.9

@@ -13,24 +13,29 @@ from petl_modules.data import (
     iemocap_split,
     rotation_split,
 )
+from petl_modules.data.splits import IEMOCAP_REFERENCE_FOLD
+
+# The reference's ESC-50 rotations (main.py), written out: (test fold, validation fold).
+ESC50_REFERENCE_ROTATIONS = [(5, 4), (1, 5), (2, 1), (3, 2), (4, 3)]
+# UrbanSound8K: our validation fold (the reference selects on the test fold), the one after the test fold.
+URBANSOUND8K_VALID = {1: 2, 2: 3, 3: 4, 4: 5, 5: 6, 6: 7, 7: 8, 8: 9, 9: 10, 10: 1}
 
 
-@pytest.mark.parametrize("num_folds", [5, 10])
-def test_rotation_split_covers_every_fold_once(num_folds: int) -> None:
-    tested = []
-    for fold in range(1, num_folds + 1):
-        plan = rotation_split(fold, num_folds)
-        assert plan["test"] == {fold}
-        assert plan["valid"] == {fold % num_folds + 1}
-        assert len(plan["train"]) == num_folds - 2
-        assert fold not in plan["train"] | plan["valid"]
-        assert plan["train"] | plan["valid"] | plan["test"] == set(range(1, num_folds + 1))
-        tested.append(fold)
-    assert tested == list(range(1, num_folds + 1))
+@pytest.mark.parametrize(("test", "valid"), ESC50_REFERENCE_ROTATIONS)
+def test_esc50_rotation_validates_on_the_reference_fold(test: int, valid: int) -> None:
+    plan = rotation_split(test, 5, valid="previous")
+    assert plan == {"train": {1, 2, 3, 4, 5} - {test, valid}, "valid": {valid}, "test": {test}}
 
 
-def test_esc50_last_rotation_wraps_to_fold_one() -> None:
-    assert rotation_split(5, 5) == {"train": {2, 3, 4}, "valid": {1}, "test": {5}}
+@pytest.mark.parametrize(("test", "valid"), sorted(URBANSOUND8K_VALID.items()))
+def test_urbansound8k_rotation_validates_on_the_next_fold(test: int, valid: int) -> None:
+    plan = rotation_split(test, 10)
+    assert plan == {"train": set(range(1, 11)) - {test, valid}, "valid": {valid}, "test": {test}}
+
+
+def test_rotation_split_rejects_an_unknown_validation_rule() -> None:
+    with pytest.raises(DataPreparationError, match="valid must be one of previous, next, got 'before'"):
+        rotation_split(1, 5, valid="before")
 
 
 @pytest.mark.parametrize("fold", [0, 6, -1, True, 1.0, "1"])
@@ -54,6 +59,30 @@ def test_iemocap_folds_hold_out_one_session_two_ways() -> None:
         assert not plan["train"] & (plan["valid"] | plan["test"])
     with pytest.raises(DataPreparationError):
         iemocap_split(11)
+
+
+# The reference's IEMOCAP folds 1..10, written out: (held-out session, validation speaker's gender).
+IEMOCAP_REFERENCE_FOLDS = [
+    (5, "F"),
+    (5, "M"),
+    (1, "F"),
+    (1, "M"),
+    (2, "F"),
+    (2, "M"),
+    (3, "F"),
+    (3, "M"),
+    (4, "F"),
+    (4, "M"),
+]
+
+
+@pytest.mark.parametrize("reference_fold", range(1, 11))
+def test_iemocap_reference_fold_numbers_name_the_same_split(reference_fold: int) -> None:
+    session, gender = IEMOCAP_REFERENCE_FOLDS[reference_fold - 1]
+    other = "M" if gender == "F" else "F"
+    (ours,) = [fold for fold, ref in IEMOCAP_REFERENCE_FOLD.items() if ref == reference_fold]
+    plan = iemocap_split(ours)
+    assert plan["valid"] == {f"Ses0{session}{gender}"} and plan["test"] == {f"Ses0{session}{other}"}
 
 
 def test_assign_splits_routes_by_group_and_rejects_strays() -> None:

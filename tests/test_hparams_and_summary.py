@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from tiny_models import write_checkpoints
 
+from petl_modules.backbones import build_backbone
 from petl_modules.hparams_loader import LIBRARY_HPARAMS, HparamsError, load_hparams
 from petl_modules.summary import main as summary_main
 
@@ -86,10 +87,19 @@ def test_summary_json_for_every_method_file_on_both_backbones(checkpoints, capsy
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == method_file.stem
-    assert (
-        summary["trainable_params"] == summary["method_params"] + summary["head_params"] + summary["final_norm_params"]
-    )
-    assert summary["trainable_percent"] == pytest.approx(100 * summary["trainable_params"] / summary["backbone_params"])
+    groups = ("method_params", "head_params", "final_norm_params", "sublayer_norm_params")
+    # Recounted independently: the model built from the same block counts its trainable tensors, and a bare
+    # backbone (no method injected) counts the pretrained parameters.
+    model = load_hparams(
+        method_file,
+        {"backbone": backbone, "backbone_source": str(source), "target_length": 100},
+        defaults=(LIBRARY_HPARAMS / "model.yaml",),
+    )["model"]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    backbone_params = sum(p.numel() for p in build_backbone(backbone, str(source), target_length=100).parameters())
+    assert summary["trainable_params"] == trainable == sum(summary[group] for group in groups)
+    assert summary["backbone_params"] == backbone_params
+    assert summary["trainable_percent"] == pytest.approx(100 * trainable / backbone_params)
     assert summary["head_params"] == 32 * 10 + 10
 
 

@@ -110,13 +110,25 @@ def expected_method_params(method: str, options: dict, model) -> int:
     return LAYERS * locations * (phi + experts * expert)
 
 
+def adapted_sublayers(method: str, options: dict) -> int:
+    """Sub-layers per layer that an adapter or a mixture sits beside (whose LayerNorm trains with it)."""
+    if method == "adapter":
+        return 2 if options.get("adapter_type") == "Houlsby" else 1
+    if method in ("dense_moa", "soft_moa"):
+        return 2 if options.get("location") == "both" else 1
+    return 0
+
+
 @pytest.mark.parametrize(("method", "options"), VARIANTS, ids=IDS)
 def test_trainable_counts_match_closed_form(checkpoint, method, options):
     model = build_model(checkpoint, method, **options)
     groups = model.trainable_parameter_groups()
     assert groups["method"] == expected_method_params(method, options, model)
     assert groups["head"] == D * CLASSES + CLASSES
-    assert groups["final_norm"] == 2 * D
+    # The final norm trains (bias only with BitFit); post-LN Wav2Vec2 has none and the head adds none.
+    has_final_norm = model.backbone.final_norm is not None
+    assert groups["final_norm"] == (D if method == "bitfit" else 2 * D) * has_final_norm
+    assert groups["sublayer_norm"] == LAYERS * adapted_sublayers(method, options) * 2 * D
 
 
 @pytest.mark.parametrize(
@@ -139,6 +151,7 @@ def test_every_trainable_tensor_learns_and_no_frozen_tensor_gets_a_gradient(chec
     model = build_model(checkpoint, method, **options).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.1)
+    torch.manual_seed(0)  # full fine-tuning runs Wav2Vec2's LayerDrop: a seed where no layer is dropped
     wavs, lens = waveforms()
     labels = torch.tensor([0, 1, 2])
     for _ in range(2):
@@ -333,19 +346,175 @@ def test_wav2vec2_cnn_feature_encoder_never_trains(checkpoints, method, options)
     assert not any(p.requires_grad for p in model.backbone.model.feature_extractor.parameters())
 
 
+@pytest.mark.parametrize("keep_dist_token", [False, True])
 @pytest.mark.parametrize("deep", [False, True])
-def test_prompts_follow_the_special_tokens_and_deep_prompts_replace_the_previous_ones(checkpoints, deep):
-    model = build_model(checkpoints["ast"], "prompt_tuning", prompt_len=3, deep=deep).eval()
+def test_prompts_follow_the_special_tokens_and_deep_prompts_replace_the_previous_ones(
+    checkpoints, deep, keep_dist_token
+):
+    """AST's first layer sees [CLS], prompts, patches (the reference drops [DIST]); or [CLS], [DIST], prompts, ..."""
+    model = build_model(
+        checkpoints["ast"], "prompt_tuning", prompt_len=3, deep=deep, keep_dist_token=keep_dist_token
+    ).eval()
     seen = []
     for layer in model.backbone.layers:
         layer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0].clone()), with_kwargs=True)
     wavs, _ = waveforms(batch=1)
     with torch.no_grad():
         tokens, _ = model.backbone(wavs)
+        embedded, _ = model.backbone.embed(wavs, None)  # [CLS], [DIST], 12 x 9 patches
     prompts = model.backbone.token_hooks[0].prompts
-    assert tokens.shape[1] == 2 + 12 * 9 + 3  # [CLS], [DIST], patches, prompts
-    torch.testing.assert_close(seen[0][0, 2:5], prompts[0])
+    special = 2 if keep_dist_token else 1
+    assert seen[0].shape[1] == tokens.shape[1] == special + 3 + 12 * 9
+    torch.testing.assert_close(seen[0][0, :special], embedded[0, :special], rtol=0, atol=0)
+    torch.testing.assert_close(seen[0][0, special : special + 3], prompts[0])
+    torch.testing.assert_close(seen[0][0, special + 3 :], embedded[0, 2:], rtol=0, atol=0)
     if deep:
-        torch.testing.assert_close(seen[1][0, 2:5], prompts[1])
+        torch.testing.assert_close(seen[1][0, special : special + 3], prompts[1])
     else:
-        assert not torch.allclose(seen[1][0, 2:5], prompts[0])
+        assert not torch.allclose(seen[1][0, special : special + 3], prompts[0])
+
+
+def test_cls_dist_pooling_needs_the_dist_token_that_prompts_replace(checkpoints):
+    with pytest.raises(ValueError, match="pooling 'cls_dist' needs .* loses to prompt_tuning"):
+        build_model(checkpoints["ast"], "prompt_tuning", prompt_len=3, pooling="cls_dist")
+    build_model(checkpoints["ast"], "prompt_tuning", prompt_len=3, pooling="cls_dist", keep_dist_token=True)
+
+
+# --- The reference implementation's behaviour by default (issue 7) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scaling", "reduction_rate"), [("reference", 64), ("reference", 8), ("peft", 64), ("peft", 8)]
+)
+def test_lora_update_equals_peft_with_the_reference_scale(checkpoints, scaling, reduction_rate):
+    """Our LoRA on AST equals PEFT's LoRA on the same ASTModel weights with the same A and B.
+
+    The reference scales by alpha / reduction_rate: PEFT's alpha / rank with lora_alpha = alpha * rank / rate.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import ASTModel
+
+    alpha = 8
+    model = build_model(checkpoints["ast"], "lora", reduction_rate=reduction_rate, alpha=alpha, scaling=scaling)
+    rank = max(1, D // reduction_rate)
+    lora_alpha = alpha * rank / reduction_rate if scaling == "reference" else alpha
+    config = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    peft_model = get_peft_model(ASTModel.from_pretrained(str(checkpoints["ast"])), config).eval()
+    peft_layers = peft_model.base_model.model.layers
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for ours, theirs in zip(model.backbone.layers, peft_layers):
+            for name in ("q_proj", "v_proj"):
+                update = getattr(ours.attention, name).lora
+                update.lora_B.weight.copy_(torch.randn(update.lora_B.weight.shape, generator=generator))
+                peft_linear = getattr(theirs.attention, name)
+                peft_linear.lora_A["default"].weight.copy_(update.lora_A.weight)
+                peft_linear.lora_B["default"].weight.copy_(update.lora_B.weight)
+        tokens = torch.randn(2, 7, D, generator=generator)
+        ours_out, theirs_out = tokens, tokens
+        for ours, theirs in zip(model.backbone.layers, peft_layers):
+            ours_out, theirs_out = ours.eval()(ours_out), theirs(theirs_out)
+        frozen = tokens
+        for layer in build_model(checkpoints["ast"], "linear").backbone.layers:
+            frozen = layer.eval()(frozen)
+    assert update.scale == pytest.approx(alpha / (reduction_rate if scaling == "reference" else rank))
+    assert not torch.allclose(ours_out, frozen, atol=1e-3)  # the update is not negligible
+    torch.testing.assert_close(ours_out, theirs_out, rtol=1e-5, atol=1e-5)
+
+
+SUBLAYER_NORMS = [  # (method, options, the AST LayerNorms the reference trains beside it)
+    ("adapter", {"reduction_rate": 4}, {"layernorm_after"}),
+    ("adapter", {"reduction_rate": 4, "adapter_type": "Houlsby"}, {"layernorm_before", "layernorm_after"}),
+    ("adapter", {"reduction_rate": 4, "seq_or_par": "sequential", "apply_residual": True}, {"layernorm_after"}),
+    ("dense_moa", {"num_adapters": 2, "reduction_rate": 4}, {"layernorm_before"}),
+    ("soft_moa", {"num_adapters": 2, "reduction_rate": 4}, {"layernorm_before"}),
+    ("soft_moa", {"num_adapters": 2, "reduction_rate": 4, "location": "FFN"}, {"layernorm_after"}),
+    (
+        "dense_moa",
+        {"num_adapters": 2, "reduction_rate": 4, "location": "both"},
+        {"layernorm_before", "layernorm_after"},
+    ),
+    ("lora", {"reduction_rate": 8}, set()),
+    ("prompt_tuning", {"prompt_len": 2}, set()),
+    ("linear", {}, set()),
+]
+
+
+@pytest.mark.parametrize("train_sublayer_norms", [True, False])
+@pytest.mark.parametrize(("method", "options", "norms"), SUBLAYER_NORMS, ids=[f"{m}-{o}" for m, o, _ in SUBLAYER_NORMS])
+def test_sublayer_norms_train_exactly_where_the_reference_trains_them(
+    checkpoints, method, options, norms, train_sublayer_norms
+):
+    from petl_modules.backbones import build_backbone
+    from petl_modules.methods import METHODS
+    from petl_modules.model import PETLModel
+
+    backbone = build_backbone("ast", str(checkpoints["ast"]), target_length=100)
+    model = PETLModel(backbone, METHODS[method](**options), CLASSES, train_sublayer_norms=train_sublayer_norms)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad and ".layernorm_" in name}
+    expected = {
+        f"backbone.model.layers.{i}.{norm}.{tensor}"
+        for i in range(LAYERS)
+        for norm in (norms if train_sublayer_norms else ())
+        for tensor in ("weight", "bias")
+    }
+    assert trained == expected
+    assert model.trainable_parameter_groups()["sublayer_norm"] == len(expected) * D
+
+
+@pytest.mark.parametrize("train_final_norm_weight", [False, True])
+def test_bitfit_final_norm_trains_its_bias_only(checkpoints, train_final_norm_weight):
+    model = build_model(checkpoints["ast"], "bitfit", train_final_norm_weight=train_final_norm_weight)
+    final_norm = model.backbone.model.layernorm
+    assert final_norm.bias.requires_grad
+    assert final_norm.weight.requires_grad is train_final_norm_weight
+    # Every other LayerNorm and Linear trains its bias and never its weight.
+    for name, module in model.backbone.model.layers.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)):
+            assert module.bias.requires_grad and not module.weight.requires_grad, name
+
+
+def load_recipe(dataset: str, method: str, tmp_path, **overrides) -> dict:
+    from petl_modules.hparams_loader import load_hparams
+
+    path = f"recipes/{dataset}/hparams/{method}.yaml"
+    folders = {"data_folder": str(tmp_path / "data"), "output_folder": str(tmp_path / "out")}
+    return load_hparams(path, {**folders, **overrides})
+
+
+@pytest.mark.parametrize("dataset", ["FSC", "GSC"])
+def test_fsc_and_gsc_train_50_epochs_with_wav2vec2_and_75_with_ast(checkpoints, tmp_path, monkeypatch, dataset):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    ast, wav2vec2 = str(checkpoints["ast"]), str(checkpoints["wav2vec2"])
+    assert load_recipe(dataset, "linear", tmp_path, backbone_source=ast)["number_of_epochs"] == 75
+    hparams = load_recipe(dataset, "linear", tmp_path, backbone="wav2vec2", backbone_source=wav2vec2)
+    assert hparams["number_of_epochs"] == 50 and hparams["epoch_counter"].limit == 50
+    options = {"backbone": "wav2vec2", "backbone_source": wav2vec2, "number_of_epochs": 3}
+    assert load_recipe(dataset, "linear", tmp_path, **options)["epoch_counter"].limit == 3
+
+
+@pytest.mark.parametrize("method", ["linear", "conformer_adapter", "soft_moa", "bitfit", "full_ft"])
+def test_wav2vec2_defaults_are_the_reference_ones(tmp_path, monkeypatch, method):
+    """One Linear on the mean-pooled last layer, no LayerNorm trained (finetune_LN=False), full FT = last 3 layers."""
+    from pathlib import Path
+
+    from petl_modules.checkpoints import write_random_checkpoint
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    source = write_random_checkpoint("wav2vec2", tmp_path / "w2v", num_hidden_layers=4)
+    model = load_recipe("FSC", method, tmp_path, backbone="wav2vec2", backbone_source=str(source))["model"]
+    assert model.head.norm is None and model.head.pooling == "mean"
+    assert [name for name, _ in model.head.named_parameters()] == ["linear.weight", "linear.bias"]
+    layers = model.backbone.model.encoder.layers
+    if method == "full_ft":
+        assert model.method.num_trainable_layers == 3 and model.method.trains_backbone
+        assert not any(p.requires_grad for p in layers[0].parameters())
+        assert all(p.requires_grad for layer in layers[1:] for p in layer.parameters())
+    else:
+        norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+        norms -= model._method_parameter_ids()  # the conformer block's own LayerNorm is the method's
+        trained_norms = [name for name, p in model.named_parameters() if p.requires_grad and id(p) in norms]
+        # BitFit trains every bias (LayerNorm biases included, as in the reference), never a norm's weight.
+        assert all(n.endswith(".bias") for n in trained_norms) if method == "bitfit" else not trained_norms

@@ -1,23 +1,39 @@
-"""Units of petl_modules.training: metrics, the cosine schedule, atomic checkpoints, SpecAugment, fold selection."""
+"""Units of petl_modules.training: metrics, the cosine schedule and the loader it is sized from, atomic
+checkpoints and files, the RNG state, SpecAugment in compute_forward, fold selection."""
 
 from __future__ import annotations
 
 import math
+import os
+import random
+import stat
+from pathlib import Path
 
+import numpy as np
 import pytest
+import speechbrain as sb
 import torch
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+from speechbrain.utils.epoch_loop import EpochCounter
 
+from petl_modules.atomic import write_text_atomic
 from petl_modules.backbones.ast import SpecAugment
-from petl_modules.recipe import DatasetRecipe, RecipeError, select_folds
+from petl_modules.hparams_loader import load_hparams
+from petl_modules.recipe import RecipeError, select_folds
 from petl_modules.training import (
     AtomicCheckpointer,
     CosineSchedule,
+    PETLBrain,
+    RNGState,
     accuracy,
     confusion_matrix,
     macro_f1,
     unweighted_accuracy,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_metrics_on_a_known_confusion_matrix():
@@ -111,16 +127,95 @@ def test_spec_augment_masks_in_training_only():
     assert len({tuple(row.tolist()) for row in (masked == 0).all(dim=1)}) > 1  # masks differ between items
 
 
-def dummy_prepare(**kwargs):
-    raise AssertionError("not called")
-
-
 def test_fold_selection():
-    folded = DatasetRecipe("X", dummy_prepare, folds=(1, 2, 3))
-    assert select_folds(folded, "all") == [1, 2, 3] and select_folds(folded, 2) == [2]
-    single = DatasetRecipe("Y", dummy_prepare)
-    assert select_folds(single, "all") == [None] and select_folds(single, 1) == [None]
+    assert select_folds("X", (1, 2, 3), "all") == [1, 2, 3] and select_folds("X", (1, 2, 3), 2) == [2]
+    assert select_folds("Y", (), "all") == [None] and select_folds("Y", (), 1) == [None]
     with pytest.raises(RecipeError, match="one official split"):
-        select_folds(single, 2)
+        select_folds("Y", (), 2)
     with pytest.raises(RecipeError, match="folds are 1..3"):
-        select_folds(folded, "some")
+        select_folds("X", (1, 2, 3), "some")
+
+
+def test_rng_state_round_trips_through_weights_only_loading(tmp_path):
+    state = RNGState()
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    random.gauss(0, 1), np.random.standard_normal()  # leave cached Gaussians in both generators
+    state.save(tmp_path / "rng.ckpt")
+    expected = (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(3))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    state.load(tmp_path / "rng.ckpt", end_of_epoch=True)  # loads with weights_only=True
+    drawn = (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(3))
+    assert drawn[:3] == expected[:3] and torch.equal(drawn[3], expected[3])
+    torch.load(tmp_path / "rng.ckpt", weights_only=True)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_atomic_files_follow_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "file.txt", "x")
+        (tmp_path / "plain.txt").write_text("x")  # what open() creates under this umask
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "file.txt").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "file.txt").stat().st_mode) == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+
+
+@pytest.fixture(scope="module")
+def tiny_brain_parts(tmp_path_factory):
+    """The ESC-50 linear-probing hyperparameters on the tiny AST, and a dataset of 10 random clips."""
+    from tiny_models import write_checkpoints
+
+    root = tmp_path_factory.mktemp("brain")
+    source = write_checkpoints(root)["ast"]
+    overrides = {
+        "backbone_source": str(source),
+        "target_length": 50,
+        "num_classes": 3,
+        "data_folder": str(root),
+        "output_folder": str(root / "out"),
+        "number_of_epochs": 3,
+    }
+    hparams = load_hparams(REPO / "recipes" / "ESC50" / "hparams" / "linear.yaml", overrides)
+    generator = torch.Generator().manual_seed(0)
+    items = {f"u{i}": {"sig": torch.randn(8000, generator=generator), "label_index": i % 3} for i in range(10)}
+    dataset = DynamicItemDataset(items, output_keys=["id", "sig", "label_index"])
+    return hparams, dataset
+
+
+def make_brain(hparams, **changes) -> PETLBrain:
+    return PETLBrain(
+        modules={"model": hparams["model"]},
+        opt_class=hparams["opt_class"],
+        hparams={**hparams, **changes},
+        run_opts={"device": "cpu", "noprogressbar": True},
+    )
+
+
+@pytest.mark.parametrize("built_outside", [False, True])
+def test_standard_fit_sizes_the_cosine_schedule_from_the_train_loader(tiny_brain_parts, built_outside):
+    """10 items in batches of 4: 3 steps an epoch, 3 epochs: the schedule is 9 steps, whoever built the loader."""
+    hparams, dataset = tiny_brain_parts
+    brain = make_brain(hparams)
+    train = brain.make_dataloader(dataset, sb.Stage.TRAIN, batch_size=4) if built_outside else dataset
+    brain.fit(EpochCounter(3), train, train_loader_kwargs={"batch_size": 4})
+    assert brain.lr_schedule.total_steps == 9 and brain.lr_schedule.steps == 9
+    assert brain.lr_schedule.lr == pytest.approx(0.0)
+
+
+def test_spec_augment_is_applied_in_compute_forward_on_the_training_stage_only(tiny_brain_parts):
+    hparams, dataset = tiny_brain_parts
+    batch = PaddedBatch([dataset[0], dataset[1]])
+    model = hparams["model"].eval()
+    augmented = make_brain(hparams)  # ESC-50: spec_augment True
+    plain = make_brain(hparams, spec_augment=False)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        train = augmented.compute_forward(batch, sb.Stage.TRAIN)
+        valid = augmented.compute_forward(batch, sb.Stage.VALID)
+        torch.testing.assert_close(plain.compute_forward(batch, sb.Stage.TRAIN), valid)
+        assert not torch.allclose(train, valid)
+        # the same masks drawn by hand on the model's own fbank give the same logits
+        torch.manual_seed(0)
+        fbank = hparams["augmentation"](model.backbone.front_end(*batch.sig))
+        torch.testing.assert_close(model(fbank, batch.sig[1]), train)

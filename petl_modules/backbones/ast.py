@@ -125,6 +125,7 @@ class ASTBackbone(Backbone):
     ffn_name = "mlp"
     projection_names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
     num_special_tokens = 2  # [CLS] and [DIST]
+    sublayer_norm_names = {"attention": "layernorm_before", "ffn": "layernorm_after"}  # pre-LN: in front
 
     def __init__(self, source: str = DEFAULT_AST_SOURCE, target_length: int = 1024) -> None:
         super().__init__()

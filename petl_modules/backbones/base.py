@@ -2,7 +2,8 @@
 
 Owning the loop over the encoder layers (instead of calling the Hugging Face model's forward) is what lets
 prompt tuning insert tokens with a matching padding mask, and keeps training-only behaviour of the frozen
-model (LayerDrop, SpecAugment-style masking) out of PETL runs.
+model (LayerDrop, SpecAugment-style masking) out of PETL runs. With `activation_checkpointing`, each
+layer's activations are recomputed in the backward pass instead of kept (long inputs: less memory, more time).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -36,16 +38,37 @@ class Backbone(nn.Module):
     ffn_name: str
     projection_names: dict[str, str]  # "q", "k", "v", "o" -> attribute name inside the attention module
     num_special_tokens = 0  # tokens in front of the sequence that prompts are inserted after
+    # The LayerNorm of each sub-layer ("attention", "ffn") in a layer: the one in front of it (pre-LN) or the
+    # one closing its residual block (post-LN). Adapters and MoA train these where the reference does.
+    sublayer_norm_names: dict[str, str]
 
     def __init__(self) -> None:
         super().__init__()
         self.state = ForwardState()
         # Callables (layer_index, tokens, mask) -> (tokens, mask) run before each layer: prompt tuning.
         self.token_hooks = nn.ModuleList()
+        # Special tokens a method removed (prompt tuning replaces AST's [DIST]): the output keeps the rest.
+        self.special_tokens_removed = 0
+        # Recompute each encoder layer in the backward pass (training with gradients only): same outputs and
+        # gradients, activation memory of one layer instead of all. Set by build_backbone.
+        self.activation_checkpointing = False
 
     @property
     def layers(self) -> nn.ModuleList:
         raise NotImplementedError
+
+    @property
+    def num_output_special_tokens(self) -> int:
+        """[CLS]-like tokens in front of the output sequence (what `cls` / `cls_dist` pooling reads)."""
+        return self.num_special_tokens - self.special_tokens_removed
+
+    def sublayer_norm(self, layer: nn.Module, sublayer: str) -> nn.LayerNorm:
+        """The LayerNorm that belongs to `sublayer` ("attention" or "ffn") of `layer`."""
+        return getattr(layer, self.sublayer_norm_names[sublayer])
+
+    def layer_dropped(self) -> bool:
+        """LayerDrop: whether the next layer is skipped (only a backbone in training mode may say yes)."""
+        return False
 
     @property
     def num_heads(self) -> int:
@@ -85,9 +108,20 @@ class Backbone(nn.Module):
                 if new_tokens.shape[1] != tokens.shape[1]:
                     layer_mask = self.layer_attention_mask(new_tokens, new_mask)
                 tokens, mask = new_tokens, new_mask
-            self.state.padding_mask = mask
-            tokens = layer(tokens, attention_mask=layer_mask)
+            if self.layer_dropped():
+                continue
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # The padding mask is set inside the recomputed function: injected modules read it again there.
+                tokens = checkpoint(self._run_layer, layer, tokens, mask, layer_mask, use_reentrant=False)
+            else:
+                tokens = self._run_layer(layer, tokens, mask, layer_mask)
         return tokens, mask
+
+    def _run_layer(
+        self, layer: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None, layer_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        self.state.padding_mask = mask
+        return layer(tokens, attention_mask=layer_mask)
 
 
 def relative_to_mask(wav_lens: torch.Tensor | None, length: int, batch: int, device: torch.device) -> torch.Tensor:

@@ -20,10 +20,16 @@ class Wav2Vec2Backbone(Backbone):
     lengths, attention never looks at padded frames, and the head pools real frames only. (Base
     checkpoints normalise the first CNN layer over the whole padded input, as they were trained;
     "layer"-norm checkpoints such as the large ones are fully padding-invariant.)
+
+    In training mode (full fine-tuning only: PETL methods keep the backbone in eval mode) the checkpoint's
+    own regularisers act as in the reference's `model.train()`: time masking of the projected features
+    (`mask_time_prob`, the learned mask embedding) and LayerDrop (`layerdrop`), besides dropout.
     """
 
     ffn_name = "feed_forward"
     projection_names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
+    # Pre-LN ("stable") layers: the norm in front of each sub-layer; post-LN: the norm closing its residual block.
+    sublayer_norm_names = {"attention": "layer_norm", "ffn": "final_layer_norm"}
 
     def __init__(self, source: str = DEFAULT_WAV2VEC2_SOURCE, model_type: str = "wav2vec2") -> None:
         super().__init__()
@@ -71,11 +77,19 @@ class Wav2Vec2Backbone(Backbone):
         tokens = projected[0] if isinstance(projected, tuple) else projected
         if frame_mask is not None:
             tokens = tokens * frame_mask[..., None]
+        if self.model.training:  # the checkpoint's time masking (SpecAugment), on real frames only
+            tokens = self.model._mask_hidden_states(
+                tokens.clone(), attention_mask=None if frame_mask is None else frame_mask.long()
+            )
         encoder = self.model.encoder
         tokens = tokens + encoder.pos_conv_embed(tokens)
         if not self.stable_layer_norm:
             tokens = encoder.layer_norm(tokens)
         return encoder.dropout(tokens), frame_mask
+
+    def layer_dropped(self) -> bool:
+        layerdrop = self.model.config.layerdrop
+        return self.model.encoder.training and layerdrop > 0 and bool(torch.rand(()) < layerdrop)
 
     def layer_attention_mask(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
         if padding_mask is None:

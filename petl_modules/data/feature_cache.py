@@ -23,14 +23,23 @@ class FeatureCache:
     """`cache(wav_path)` -> features of that file, computed by `extract(waveform)` on first use.
 
     The folder name hashes `settings` (what the features depend on); a file's entry hashes its path, size
-    and modification time, so changed audio is recomputed.
+    and modification time, so changed audio is recomputed. A `read_only` cache (DDP ranks other than 0) reads
+    what is there and computes the rest without writing.
     """
 
-    def __init__(self, folder: str | Path, extract: Callable[[torch.Tensor], torch.Tensor], settings: dict) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        extract: Callable[[torch.Tensor], torch.Tensor],
+        settings: dict,
+        read_only: bool = False,
+    ) -> None:
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         self.folder = Path(folder) / digest
         self.extract = extract
-        write_json_atomic(self.folder / "settings.json", settings)  # says what these features are
+        self.read_only = read_only
+        if not read_only:
+            write_json_atomic(self.folder / "settings.json", settings)  # says what these features are
 
     def path_for(self, wav_path: str | Path) -> Path:
         stat = os.stat(wav_path)
@@ -42,8 +51,10 @@ class FeatureCache:
             read_audio(wav_path)  # raises the AudioError that names the file
         cached = self.path_for(wav_path)
         if cached.is_file():
-            return torch.load(cached)
+            return torch.load(cached, weights_only=True)
         features = self.extract(read_audio(wav_path)).contiguous()
+        if self.read_only:
+            return features
         with atomic_path(cached) as tmp:
             torch.save(features, tmp)
         return features

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ def prepare_dataset(
     fold: int | None = None,
     few_shot_samples: int | None = None,
     seed: int = 10,
+    extra_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Prepare (or reuse) the train/valid/test manifests of one dataset.
 
@@ -42,7 +43,8 @@ def prepare_dataset(
     sampling then keeps ``few_shot_samples`` items per class of train only.
     Folded protocols write into ``save_folder/fold<k>`` so that all folds can
     be prepared side by side. ``expected`` describes the official layout for
-    error messages.
+    error messages. ``extra_options`` (JSON values) join the recorded options,
+    so a preparation is rebuilt when one of them changes.
     """
     root = require_dir(data_folder, dataset, expected)
     if few_shot_samples is not None:
@@ -55,6 +57,7 @@ def prepare_dataset(
         "few_shot_samples": few_shot_samples,
         "seed": seed,
         "format_version": _FORMAT_VERSION,
+        **(extra_options or {}),
     }
 
     def build() -> dict[str, list[dict[str, Any]]]:
@@ -71,8 +74,12 @@ def prepare_cli(
     description: str | None,
     num_folds: int | None = None,
     argv: Sequence[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> dict[str, Path]:
-    """Run ``prepare`` from the command line: ``DATA_FOLDER SAVE_FOLDER [--fold K]``."""
+    """Run ``prepare`` from the command line: ``DATA_FOLDER SAVE_FOLDER [--fold K]``.
+
+    ``add_arguments(parser)`` declares a dataset's own options, passed to ``prepare`` by name.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("data_folder", help="root of the dataset in its official layout")
     parser.add_argument("save_folder", help="where manifests are written")
@@ -80,6 +87,8 @@ def prepare_cli(
         parser.add_argument("--fold", type=int, default=1, choices=range(1, num_folds + 1))
     parser.add_argument("--few_shot_samples", type=int, default=None, help="K items per class in train")
     parser.add_argument("--seed", type=int, default=10, help="seed of the few-shot sample")
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     manifests = prepare(**vars(args))

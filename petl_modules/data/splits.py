@@ -17,6 +17,7 @@ from petl_modules.data.manifest import DataPreparationError
 
 __all__ = [
     "IEMOCAP_NUM_FOLDS",
+    "IEMOCAP_REFERENCE_FOLD",
     "assign_splits",
     "check_few_shot",
     "few_shot_sample",
@@ -27,6 +28,8 @@ __all__ = [
 Row = TypeVar("Row", bound=Mapping[str, Any])
 
 IEMOCAP_NUM_FOLDS = 10
+# Our IEMOCAP fold -> the reference's fold number with the same held-out speakers (same split).
+IEMOCAP_REFERENCE_FOLD = {fold: (fold + 1) % IEMOCAP_NUM_FOLDS + 1 for fold in range(1, IEMOCAP_NUM_FOLDS + 1)}
 
 
 def _check_fold(fold: int, num_folds: int) -> None:
@@ -35,18 +38,29 @@ def _check_fold(fold: int, num_folds: int) -> None:
         raise DataPreparationError(f"fold must be an integer in 1..{num_folds}, got {fold!r}")
 
 
-def rotation_split(fold: int, num_folds: int) -> dict[str, frozenset[int]]:
+ROTATIONS = ("previous", "next")
+
+
+def rotation_split(fold: int, num_folds: int, valid: str = "next") -> dict[str, frozenset[int]]:
     """Cross-validation rotation over folds numbered ``1..num_folds``.
 
-    Test is fold ``fold``; validation is the next fold (``fold % num_folds + 1``),
-    taken out of the training folds, never the test fold, so model selection
-    never sees test data; train is the remaining ``num_folds - 2`` folds.
-    ESC-50 uses it with 5 folds (train 3), UrbanSound8K with 10 (train 8).
+    Test is fold ``fold``; validation is the fold before it (``valid="previous"``:
+    ``(fold - 2) % num_folds + 1``) or after it (``"next"``: ``fold % num_folds + 1``),
+    never the test fold, so model selection never sees test data; train is the
+    remaining ``num_folds - 2`` folds.
+
+    ESC-50 uses 5 folds with "previous", the reference's rotations (``main.py``:
+    test 5 / valid 4, test 1 / valid 5, test 2 / valid 1, test 3 / valid 2,
+    test 4 / valid 3; our fold number is the test fold). UrbanSound8K uses 10
+    folds with "next": the reference selects on the test fold there (a defect),
+    so the validation fold is ours.
     """
     _check_fold(fold, num_folds)
-    valid = fold % num_folds + 1
-    train = frozenset(range(1, num_folds + 1)) - {fold, valid}
-    return {"train": train, "valid": frozenset({valid}), "test": frozenset({fold})}
+    if valid not in ROTATIONS:
+        raise DataPreparationError(f"valid must be one of {', '.join(ROTATIONS)}, got {valid!r}")
+    valid_fold = (fold - 2) % num_folds + 1 if valid == "previous" else fold % num_folds + 1
+    train = frozenset(range(1, num_folds + 1)) - {fold, valid_fold}
+    return {"train": train, "valid": frozenset({valid_fold}), "test": frozenset({fold})}
 
 
 def iemocap_split(fold: int) -> dict[str, frozenset[str]]:
@@ -55,6 +69,11 @@ def iemocap_split(fold: int) -> dict[str, frozenset[str]]:
     Session ``s = (fold + 1) // 2`` is held out; the other four sessions train.
     Odd folds validate on its female speaker and test on its male speaker,
     even folds swap the two. Speaker ids look like ``Ses01F``.
+
+    The reference runs the same ten splits in another order, holding out
+    sessions 5, 5, 1, 1, 2, 2, 3, 3, 4, 4 (validating on F, then on M): its
+    fold ``r`` is our fold ``(r - 3) % 10 + 1`` (reference 1, 2 = our 9, 10;
+    reference 3..10 = our 1..8). See :data:`IEMOCAP_REFERENCE_FOLD`.
     """
     _check_fold(fold, IEMOCAP_NUM_FOLDS)
     session = (fold + 1) // 2

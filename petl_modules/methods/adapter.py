@@ -58,6 +58,16 @@ def wrap_sublayers(
             setattr(layer, name, wrapped)
 
 
+def norms_of(backbone: Backbone, sublayers: tuple[str, ...]) -> list[nn.Module]:
+    """The LayerNorm of each named sub-layer in every layer.
+
+    The reference trains those of the adapted sub-layers beside its adapters and mixtures
+    (`layernorm_after` for Pfeiffer, `layernorm_before` for MHSA, both for Houlsby) and leaves them out
+    of the papers' percentages.
+    """
+    return [backbone.sublayer_norm(layer, sublayer) for layer in backbone.layers for sublayer in sublayers]
+
+
 def sublayers_for(adapter_type: str) -> tuple[str, ...]:
     """Pfeiffer: beside the FFN only; Houlsby: beside MHSA and FFN."""
     return ("ffn",) if choice("adapter_type", adapter_type, ("Pfeiffer", "Houlsby")) == "Pfeiffer" else SUBLAYERS
@@ -67,6 +77,7 @@ class Adapter(Method):
     """Adapters (Houlsby et al. 2019; Pfeiffer et al. 2020) with a bottleneck or Conformer block.
 
     The papers' proposal, "0.29 % of the parameters": conformer block, reduction_rate 96, Pfeiffer, parallel.
+    The LayerNorm of each adapted sub-layer is its `sublayer_norms` (the model's `train_sublayer_norms`).
     """
 
     name = "adapter"
@@ -96,3 +107,6 @@ class Adapter(Method):
             parallel=self.seq_or_par == "parallel",
             residual=self.apply_residual,
         )
+
+    def sublayer_norms(self, backbone: Backbone) -> list[nn.Module]:
+        return norms_of(backbone, sublayers_for(self.adapter_type))

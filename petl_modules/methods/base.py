@@ -18,7 +18,10 @@ class Method:
 
     `apply` runs once, after the backbone is frozen; it may unfreeze backbone tensors (BitFit, full
     fine-tuning) and add `PETLModule`s. `trains_backbone` says whether the backbone itself runs in
-    training mode (dropout on), which only full fine-tuning does.
+    training mode (dropout on), which only full fine-tuning does. `sublayer_norms` names the
+    LayerNorms of the sub-layers the method adapts (the model trains them when `train_sublayer_norms`,
+    as the reference does on AST, and counts them apart from the method, as the papers do);
+    `final_norm_parameters` says which tensors of the final LayerNorm train when the model trains it.
     """
 
     name = "method"
@@ -26,6 +29,12 @@ class Method:
 
     def apply(self, backbone: Backbone) -> None:
         raise NotImplementedError
+
+    def sublayer_norms(self, backbone: Backbone) -> list[nn.Module]:
+        return []
+
+    def final_norm_parameters(self, norm: nn.Module) -> list[nn.Parameter]:
+        return list(norm.parameters())
 
     def __repr__(self) -> str:
         options = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())

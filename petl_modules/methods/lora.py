@@ -8,20 +8,23 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone
-from .base import Method, PETLModule, bottleneck_size, positive_int, probability
+from .base import Method, PETLModule, bottleneck_size, choice, positive_int, probability
 
 PROJECTIONS = ("q", "k", "v", "o")
 
 
 class LoRAUpdate(PETLModule):
-    """The low-rank update scale * B(A(dropout(x))): A random (as PEFT), B zero, so it starts at zero."""
+    """The low-rank update scale * B(A(dropout(x))): A random (as PEFT), B zero, so it starts at zero.
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float) -> None:
+    `scale` is the effective factor (what an export records): see `LoRA` for the two conventions.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float, dropout: float) -> None:
         super().__init__()
         self.lora_A = nn.Linear(in_features, rank, bias=False)
         self.lora_B = nn.Linear(rank, out_features, bias=False)
         self.dropout = nn.Dropout(dropout)
-        self.scale = alpha / rank
+        self.scale = float(scale)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
@@ -35,10 +38,10 @@ class LoRAUpdate(PETLModule):
 class LoRALinear(nn.Module):
     """A frozen Linear plus its LoRA update; `merge()` folds the update into the weight for inference."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float) -> None:
         super().__init__()
         self.base = base
-        self.lora = LoRAUpdate(base.in_features, base.out_features, rank, alpha, dropout)
+        self.lora = LoRAUpdate(base.in_features, base.out_features, rank, scale, dropout)
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,8 +61,16 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+SCALINGS = ("reference", "peft")
+
+
 class LoRA(Method):
-    """LoRA with rank = hidden / `reduction_rate` (papers: 768 / 64 = 12) and scale alpha / rank."""
+    """LoRA with rank = hidden / `reduction_rate` (papers: 768 / 64 = 12).
+
+    `scaling`: "reference" (default) scales the update by alpha / reduction_rate, as the papers' code does
+    (`scaling = ALPHA / RANK` with the reduction rate passed as RANK: 8 / 64 = 0.125); "peft" by
+    alpha / rank, the convention of the LoRA paper and PEFT (8 / 12 = 0.667 on a 768-wide model).
+    """
 
     name = "lora"
 
@@ -69,6 +80,7 @@ class LoRA(Method):
         alpha: float = 8,
         targets: tuple[str, ...] | list[str] = ("q", "v"),
         dropout: float = 0.0,
+        scaling: str = "reference",
     ) -> None:
         self.reduction_rate = positive_int("reduction_rate", reduction_rate)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
@@ -80,6 +92,11 @@ class LoRA(Method):
             raise ValueError(f"targets must be a non-empty list of {', '.join(PROJECTIONS)}; got {list(targets)}")
         self.targets = targets
         self.dropout = probability("dropout", dropout)
+        self.scaling = choice("scaling", scaling, SCALINGS)
+
+    def scale(self, rank: int) -> float:
+        """The factor of the update for a given rank."""
+        return self.alpha / (self.reduction_rate if self.scaling == "reference" else rank)
 
     def apply(self, backbone: Backbone) -> None:
         rank = bottleneck_size(backbone.hidden_size, self.reduction_rate)
@@ -87,4 +104,4 @@ class LoRA(Method):
             attention = getattr(layer, backbone.attention_name)
             for target in self.targets:
                 name = backbone.projection_names[target]
-                setattr(attention, name, LoRALinear(getattr(attention, name), rank, self.alpha, self.dropout))
+                setattr(attention, name, LoRALinear(getattr(attention, name), rank, self.scale(rank), self.dropout))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone
-from .adapter import SUBLAYERS, wrap_sublayers
+from .adapter import SUBLAYERS, norms_of, wrap_sublayers
 from .base import Method, PETLModule, bottleneck_size, choice, flag, positive_int
 from .blocks import BLOCKS, make_block
 
@@ -116,6 +116,8 @@ class SoftMixture(PETLModule):
 
 
 class _MixtureOfAdapters(Method):
+    """Options shared by the mixtures; `sublayer_norms` are those of the adapted sub-layers."""
+
     def __init__(
         self,
         num_adapters: int = 7,
@@ -142,6 +144,9 @@ class _MixtureOfAdapters(Method):
             return self._mixture(experts, hidden)
 
         wrap_sublayers(backbone, LOCATIONS[self.location], make_mixture, parallel=True, residual=False)
+
+    def sublayer_norms(self, backbone: Backbone) -> list[nn.Module]:
+        return norms_of(backbone, LOCATIONS[self.location])
 
 
 class DenseMoA(_MixtureOfAdapters):

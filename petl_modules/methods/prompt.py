@@ -11,7 +11,8 @@ from .base import Method, PETLModule, flag, positive_int, probability
 
 
 class PromptTokens(PETLModule):
-    """Learned tokens inserted after the special tokens ([CLS], [DIST]) before the first layer.
+    """Learned tokens inserted at position `insert_at` before the first layer, in place of the `replace`
+    tokens there (AST: after [CLS], replacing [DIST], as the reference does).
 
     Shallow: one set of prompts enters once and flows through the layers. Deep: every layer gets its
     own prompts, which replace the previous layer's prompt outputs. Prompts carry no positional
@@ -19,13 +20,21 @@ class PromptTokens(PETLModule):
     """
 
     def __init__(
-        self, num_layers: int, prompt_len: int, hidden_size: int, deep: bool, dropout: float, insert_at: int
+        self,
+        num_layers: int,
+        prompt_len: int,
+        hidden_size: int,
+        deep: bool,
+        dropout: float,
+        insert_at: int,
+        replace: int = 0,
     ) -> None:
         super().__init__()
         self.prompts = nn.Parameter(torch.randn(num_layers if deep else 1, prompt_len, hidden_size) * 0.02)
         self.deep = deep
         self.dropout = nn.Dropout(dropout)
         self.insert_at = insert_at
+        self.replace = replace
 
     def forward(self, layer_index: int, tokens: torch.Tensor, mask: torch.Tensor | None):
         if layer_index > 0 and not self.deep:
@@ -33,25 +42,35 @@ class PromptTokens(PETLModule):
         batch, length = tokens.shape[0], self.prompts.shape[1]
         prompts = self.dropout(self.prompts[layer_index]).expand(batch, -1, -1).to(tokens.dtype)
         start = self.insert_at
-        rest = tokens[:, start:] if layer_index == 0 else tokens[:, start + length :]
+        rest = tokens[:, start + self.replace :] if layer_index == 0 else tokens[:, start + length :]
         tokens = torch.cat([tokens[:, :start], prompts, rest], dim=1)
         if mask is not None and layer_index == 0:
             real = torch.ones(batch, length, dtype=mask.dtype, device=mask.device)
-            mask = torch.cat([mask[:, :start], real, mask[:, start:]], dim=1)
+            mask = torch.cat([mask[:, :start], real, mask[:, start + self.replace :]], dim=1)
         return tokens, mask
 
 
 class PromptTuning(Method):
-    """Shallow (`deep: False`) or deep prompt tuning with `prompt_len` prompts (papers: 25)."""
+    """Shallow (`deep: False`) or deep prompt tuning with `prompt_len` prompts (papers: 25).
+
+    The prompts follow [CLS] and replace the other special tokens (AST's [DIST]), as the reference does:
+    AST's first layer sees [CLS], prompts, patches. `keep_dist_token` inserts them after [DIST] instead.
+    """
 
     name = "prompt_tuning"
 
-    def __init__(self, prompt_len: int = 25, deep: bool = False, dropout: float = 0.0) -> None:
+    def __init__(
+        self, prompt_len: int = 25, deep: bool = False, dropout: float = 0.0, keep_dist_token: bool = False
+    ) -> None:
         self.prompt_len = positive_int("prompt_len", prompt_len)
         self.deep = flag("deep", deep)
         self.dropout = probability("dropout", dropout)
+        self.keep_dist_token = flag("keep_dist_token", keep_dist_token)
 
     def apply(self, backbone: Backbone) -> None:
+        special = backbone.num_special_tokens
+        insert_at = special if self.keep_dist_token else min(special, 1)
+        backbone.special_tokens_removed = special - insert_at
         backbone.token_hooks.append(
             PromptTokens(
                 len(backbone.layers),
@@ -59,7 +78,8 @@ class PromptTuning(Method):
                 backbone.hidden_size,
                 self.deep,
                 self.dropout,
-                backbone.num_special_tokens,
+                insert_at,
+                replace=special - insert_at,
             )
         )
 

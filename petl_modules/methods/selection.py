@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..backbones.base import Backbone
-from .base import Method
+from .base import Method, flag
 
 
 class LinearProbing(Method):
@@ -23,7 +23,9 @@ class FullFineTuning(Method):
     """Every backbone tensor trains, except the always-frozen ones (Wav2Vec2's CNN feature encoder).
 
     `num_trainable_layers` keeps all but the last N encoder layers frozen (the papers' Wav2Vec2
-    "full fine-tuning" trains the last 3); None trains them all, embeddings included.
+    "full fine-tuning" trains the last 3, the YAML default for Wav2Vec2); None trains them all,
+    embeddings included (the default for AST). The backbone runs in training mode, as the reference's
+    `model.train()`: dropout, and on Wav2Vec2 the checkpoint's time masking and LayerDrop.
     """
 
     name = "full_ft"
@@ -52,11 +54,21 @@ class FullFineTuning(Method):
 
 
 class BitFit(Method):
-    """BitFit (Ben Zaken et al., 2022): every bias of the encoder's Linear and LayerNorm layers."""
+    """BitFit (Ben Zaken et al., 2022): every bias of the encoder's Linear and LayerNorm layers.
+
+    The final LayerNorm, when the model trains it, trains its bias only, as in the reference (biases
+    only); `train_final_norm_weight` trains its weight too.
+    """
 
     name = "bitfit"
+
+    def __init__(self, train_final_norm_weight: bool = False) -> None:
+        self.train_final_norm_weight = flag("train_final_norm_weight", train_final_norm_weight)
 
     def apply(self, backbone: Backbone) -> None:
         for module in backbone.encoder.modules():
             if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
                 module.bias.requires_grad_(True)
+
+    def final_norm_parameters(self, norm: nn.Module) -> list[nn.Parameter]:
+        return list(norm.parameters()) if self.train_final_norm_weight else [norm.bias]

@@ -1,7 +1,8 @@
 """ESC-50: manifests for one of the 5 cross-validation rotations.
 
-Fold ``k`` tests on fold k, validates on fold ``k % 5 + 1`` and trains on the
-other three; labels are the ``category`` names (50 classes).
+Fold ``k`` tests on fold k, validates on the fold before it (``(k - 2) % 5 + 1``,
+the reference's rotations) and trains on the other three; labels are the
+``category`` names (50 classes).
 Usage: ``python esc50_prepare.py DATA_FOLDER SAVE_FOLDER [--fold K]``.
 """
 
@@ -33,7 +34,7 @@ def prepare_esc50(
     seed: int = 10,
 ) -> dict[str, Path]:
     """Write (or reuse) the manifests of rotation ``fold`` in ``save_folder/fold<k>``."""
-    plan = rotation_split(fold, NUM_FOLDS)
+    plan = rotation_split(fold, NUM_FOLDS, valid="previous")
 
     def collect(root: Path) -> dict[str, list[dict[str, Any]]]:
         listed_in = root / "meta" / "esc50.csv"

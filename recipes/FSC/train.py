@@ -1,22 +1,61 @@
 #!/usr/bin/env python3
 """Fluent Speech Commands intent classification (31 intents) on the official split.
 
-    python recipes/FSC/train.py recipes/FSC/hparams/<method>.yaml --data_folder=DIR --output_folder=DIR \
-        --backbone_source=HUB_ID_OR_DIR [--backbone=wav2vec2] [--fold=all|K] [--few_shot_samples=K]
+    python train.py hparams/<method>.yaml --data_folder=DIR --output_folder=DIR [--backbone_source=HUB_ID_OR_DIR]
+        [--backbone=wav2vec2] [--fold=all|K] [--few_shot_samples=K] [--any_yaml_key=value] [SpeechBrain options]
 
-See README.md beside this file for the protocol.
+(from this folder, or from the repository root with recipes/FSC/ before both paths; multi-GPU: torchrun).
+See README.md beside this file for the protocol, and the repository's README for the shared options.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: petl_modules
+import speechbrain as sb
+from fsc_prepare import prepare_fsc
 
-from fsc_prepare import prepare_fsc  # noqa: E402
+from petl_modules.recipe import Experiment, build_datasets, input_loader, recipe_errors
+from petl_modules.training import BASE_METRICS, PETLBrain, extra_train_loggers
 
-from petl_modules.recipe import DatasetRecipe, main  # noqa: E402
-
-RECIPE = DatasetRecipe(name="FSC", prepare=prepare_fsc)
+DATASET = "FSC"
+FOLDS = ()  # the official split: one run
+METRICS = BASE_METRICS
 
 if __name__ == "__main__":
-    main(RECIPE)
+    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+    sb.utils.distributed.ddp_init_group(run_opts)  # torchrun: one process per device
+
+    with recipe_errors(DATASET):  # a wrong option, file or data folder: one line, exit status 1
+        # Settings checked (and reruns of finished folds found) before anything is written.
+        experiment = Experiment(DATASET, hparams_file, overrides, run_opts, folds=FOLDS, metrics=METRICS)
+        for fold in experiment.folds_to_run():
+            hparams = experiment.load_hparams(fold)
+            sb.create_experiment_directory(experiment_directory=hparams["output_folder"])
+            experiment.record_hyperparams(fold)
+
+            # Data preparation on the main process only; the manifests' classes.txt fixes the label order.
+            manifests = experiment.prepare(prepare_fsc, hparams, fold)
+            datasets = build_datasets(manifests, input_loader(hparams, experiment.feature_cache_folder))
+
+            brain = PETLBrain(
+                modules={"model": hparams["model"]},
+                opt_class=hparams["opt_class"],
+                hparams=hparams,
+                run_opts=run_opts,
+                checkpointer=hparams["checkpointer"],
+                metrics=METRICS,
+                extra_loggers=extra_train_loggers(hparams),
+            )
+            brain.fit(
+                hparams["epoch_counter"],
+                datasets["train"],
+                datasets["valid"],
+                train_loader_kwargs=hparams["train_dataloader_options"],
+                valid_loader_kwargs=hparams["test_dataloader_options"],
+            )
+            brain.evaluate(
+                datasets["test"],
+                max_key=hparams["selection_metric"],
+                test_loader_kwargs=hparams["test_dataloader_options"],
+            )
+            experiment.finish_fold(fold, brain, manifests)
+        experiment.write_results()

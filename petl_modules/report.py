@@ -1,0 +1,539 @@
+"""Tables and figures from recorded runs: the papers' comparison from every `results.json` below some folders.
+
+    python -m petl_modules.report RESULTS_DIR [RESULTS_DIR ...] --out DIR
+
+writes into DIR:
+
+- `report.md`: a dataset x method table of test accuracy (mean +- std), a detailed table (trainable
+  parameters and %, run and fold counts, IEMOCAP's unweighted accuracy), the few-shot table, and links to
+- `accuracy_vs_params.png`: the papers' main figure, test accuracy against trainable parameters (log axis),
+  one panel per dataset, one labelled point per method (and backbone), error bars = std;
+- `few_shot.png`: accuracy against K training items per class, one panel per dataset (when few-shot runs exist);
+- `curves/<dataset>_<method>_<backbone>_seed<s>[_fewshot<K>].png`: per run, losses and validation accuracy per
+  epoch from each fold's `train_log.txt`;
+- `confusion/<same name>.png`: per run, the test confusion matrix summed over its folds, with class names.
+
+A group is (dataset, backbone, method, few-shot K). Its mean and population std pool the test metric of every
+fold of every seed (run); `runs` counts results.json files, `folds` the fold results pooled. Runs recorded with
+`--debug` are left out; runs with missing folds are used with what they have and marked with a dagger.
+Everything is read from the files; nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from petl_modules.atomic import atomic_path, write_text_atomic
+
+__all__ = [
+    "METHOD_ORDER",
+    "Group",
+    "ReportError",
+    "Run",
+    "find_runs",
+    "group_runs",
+    "main",
+    "parse_train_log",
+    "summed_confusion",
+    "write_report",
+]
+
+logger = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+TRAIN_LOG = "train_log.txt"
+REPORT = "report.md"
+MAIN_FIGURE = "accuracy_vs_params.png"
+FEW_SHOT_FIGURE = "few_shot.png"
+# Table order: the papers' (others follow alphabetically).
+METHOD_ORDER = (
+    "linear",
+    "full_ft",
+    "bitfit",
+    "prompt_tuning",
+    "prefix_tuning",
+    "lora",
+    "adapter",
+    "conformer_adapter",
+    "dense_moa",
+    "soft_moa",
+)
+_REQUIRED = ("dataset", "method", "folds", "parameters")
+
+
+class ReportError(ValueError):
+    """The report cannot be made (no results, no matplotlib...); the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One recipe output folder, read from its `results.json`."""
+
+    path: Path
+    results: dict[str, Any]
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    @property
+    def key(self) -> tuple[str, str, str, int | None]:
+        """The group this run pools into: (dataset, backbone, method, few-shot K)."""
+        r = self.results
+        return (str(r["dataset"]), str(r.get("backbone") or "ast"), str(r["method"]), r.get("few_shot_samples"))
+
+    @property
+    def name(self) -> str:
+        """`<dataset>_<method>_<backbone>_seed<s>[_fewshot<K>]`, the file name of its figures."""
+        dataset, backbone, method, shots = self.key
+        name = f"{dataset}_{method}_{backbone}_seed{self.results.get('seed')}"
+        return name + (f"_fewshot{shots}" if shots is not None else "")
+
+    @property
+    def folds(self) -> dict[str, dict[str, Any]]:
+        return self.results.get("folds") or {}
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.results.get("folds_missing"))
+
+    def values(self, split: str, metric: str) -> list[float]:
+        """The metric of every recorded fold that has it."""
+        return [
+            float(fold[split][metric])
+            for fold in self.folds.values()
+            if isinstance(fold.get(split), dict) and fold[split].get(metric) is not None
+        ]
+
+    def fold_folder(self, fold_key: str) -> Path:
+        """Where a fold trained: the output folder itself for the official split, else `fold<k>/`."""
+        return self.folder if fold_key == "official" else self.folder / f"fold{fold_key}"
+
+
+@dataclass
+class Group:
+    """The runs of one (dataset, backbone, method, few-shot K), pooled over seeds and folds."""
+
+    dataset: str
+    backbone: str
+    method: str
+    few_shot: int | None
+    runs: list[Run] = field(default_factory=list)
+
+    def stats(self, metric: str, split: str = "test") -> tuple[float, float, int] | None:
+        """(mean, population std, count) of the metric over every fold of every run; None when absent."""
+        values = [value for run in self.runs for value in run.values(split, metric)]
+        if not values:
+            return None
+        return statistics.fmean(values), statistics.pstdev(values), len(values)
+
+    @property
+    def trainable(self) -> int | None:
+        counts = [run.results["parameters"].get("trainable") for run in self.runs if run.results["parameters"]]
+        return counts[0] if counts else None
+
+    @property
+    def trainable_percent(self) -> float | None:
+        counts = [run.results["parameters"].get("trainable_percent") for run in self.runs if run.results["parameters"]]
+        return counts[0] if counts else None
+
+    @property
+    def partial(self) -> bool:
+        return any(run.partial for run in self.runs)
+
+
+def find_runs(roots: Iterable[str | Path]) -> tuple[list[Run], list[Path]]:
+    """Every non-debug `results.json` below `roots` (each file once), and the debug ones left out.
+
+    A missing root or a file that is not a recipe's results stops with a one-line ReportError.
+    """
+    runs, debug, seen = [], [], set()
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            raise ReportError(f"results folder {root} not found; give folders holding recipe output folders")
+        for path in sorted(root.rglob(RESULTS)):
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            try:
+                results = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise ReportError(f"{path}: not readable as JSON ({error}); delete it or rerun its recipe") from error
+            missing = [key for key in _REQUIRED if not isinstance(results, dict) or key not in results]
+            if missing:
+                raise ReportError(f"{path}: not a recipe's results.json (no {', '.join(missing)}); move it away")
+            if results.get("debug"):
+                debug.append(path)
+            elif results["folds"]:
+                runs.append(Run(path, results))
+    return runs, debug
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def group_runs(runs: Iterable[Run]) -> list[Group]:
+    """Runs pooled by (dataset, backbone, method, K), ordered by dataset, backbone, K, papers' method order."""
+    groups: dict[tuple, Group] = {}
+    for run in runs:
+        groups.setdefault(run.key, Group(*run.key)).runs.append(run)
+    return sorted(
+        groups.values(),
+        key=lambda g: (g.dataset, g.backbone, g.few_shot is not None, g.few_shot or 0, _method_rank(g.method)),
+    )
+
+
+def parse_train_log(path: str | Path) -> tuple[dict[int, dict[str, float]], int | None]:
+    """Per-epoch values of a SpeechBrain `train_log.txt`, and the epoch the test stage chose.
+
+    Lines are `epoch: 1, lr: 5e-03 - train loss: 1.38 - valid loss: 1.37, valid accuracy: 2.50e-01` (groups
+    joined by " - ", "name: value" pairs by ", ") and a last `epoch chosen: N - test ...`. An epoch logged again
+    (after a resume) keeps its last line; values that are not numbers are skipped.
+    """
+    epochs: dict[int, dict[str, float]] = {}
+    chosen = None
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        values: dict[str, float] = {}
+        for segment in line.split(" - "):
+            for pair in segment.split(", "):
+                name, sep, text = pair.partition(": ")
+                if not sep:
+                    continue
+                try:
+                    values[name.strip()] = float(text)
+                except ValueError:
+                    continue
+        if "epoch chosen" in values:
+            chosen = int(values["epoch chosen"])
+        elif "epoch" in values:
+            epochs[int(values.pop("epoch"))] = values
+    return dict(sorted(epochs.items())), chosen
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+
+def _pyplot():
+    """Matplotlib's pyplot on the Agg backend (files only, no display)."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ReportError("the report's figures need matplotlib: pip install matplotlib (or -e .[report])") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ticker():
+    """matplotlib.ticker, once :func:`_pyplot` has checked matplotlib is there."""
+    _pyplot()
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
+def _save(fig, path: Path) -> None:
+    """Write a figure atomically as PNG and release it."""
+    plt = _pyplot()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _panels(count: int, width: float = 4.8, height: float = 3.8):
+    plt = _pyplot()
+    columns = min(count, 3)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:count])
+
+
+def _label(method: str, backbone: str, backbones: set[str]) -> str:
+    """The method's name, with its backbone when the figure shows several."""
+    return method if len(backbones) == 1 else f"{method} ({backbone})"
+
+
+def _compact(count: float) -> str:
+    """A parameter count for an axis: 500, 2k, 1.5M."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:g}{suffix}"
+    return f"{count:g}"
+
+
+def plot_accuracy_vs_params(groups: Sequence[Group], path: Path) -> None:
+    """Test accuracy (%) against trainable parameters, log x axis, a panel per dataset, a point per method."""
+    datasets = sorted({g.dataset for g in groups})
+    backbones = {g.backbone for g in groups}
+    markers = {backbone: marker for backbone, marker in zip(sorted(backbones), "osD^v")}
+    fig, axes = _panels(len(datasets))
+    for ax, dataset in zip(axes, datasets):
+        for group in (g for g in groups if g.dataset == dataset):
+            stats = group.stats("accuracy")
+            if stats is None or not group.trainable:
+                continue
+            mean, std, _ = stats
+            ax.errorbar(group.trainable, 100 * mean, yerr=100 * std, marker=markers[group.backbone], capsize=3)
+            ax.annotate(
+                _label(group.method, group.backbone, backbones),
+                (group.trainable, 100 * mean),
+                textcoords="offset points",
+                xytext=(4, 4),
+            )
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(_ticker().LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(_ticker().FuncFormatter(lambda x, _: _compact(x)))
+        ax.xaxis.set_minor_formatter(_ticker().NullFormatter())
+        ax.set_title(dataset)
+        ax.set_xlabel("trainable parameters (log scale)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle("Accuracy against trainable parameters")
+    _save(fig, path)
+
+
+def plot_few_shot(groups: Sequence[Group], path: Path) -> None:
+    """Test accuracy (%) against K training items per class, a panel per dataset, a line per method."""
+    datasets = sorted({g.dataset for g in groups})
+    backbones = {g.backbone for g in groups}
+    fig, axes = _panels(len(datasets))
+    for ax, dataset in zip(axes, datasets):
+        lines: dict[tuple[str, str], list[tuple[int, float, float]]] = defaultdict(list)
+        for group in (g for g in groups if g.dataset == dataset):
+            stats = group.stats("accuracy")
+            if stats is not None:
+                lines[(group.method, group.backbone)].append((group.few_shot, 100 * stats[0], 100 * stats[1]))
+        for (method, backbone), points in sorted(lines.items(), key=lambda item: _method_rank(item[0][0])):
+            shots, means, stds = zip(*sorted(points))
+            ax.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=_label(method, backbone, backbones))
+        ax.set_xscale("log", base=2)
+        shots = sorted({g.few_shot for g in groups if g.dataset == dataset})
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.xaxis.set_minor_formatter(_ticker().NullFormatter())
+        ax.set_title(dataset)
+        ax.set_xlabel("training items per class (K)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle("Few-shot accuracy")
+    _save(fig, path)
+
+
+def plot_curves(run: Run, path: Path) -> bool:
+    """Train/valid loss and valid accuracy per epoch, a line per fold; False when no fold has a train log."""
+    logs = {}
+    for key in run.folds:
+        log = run.fold_folder(key) / TRAIN_LOG
+        if log.is_file():
+            logs[key] = parse_train_log(log)
+    if not any(epochs for epochs, _ in logs.values()):
+        return False
+    fig, (loss_ax, accuracy_ax) = _panels(2)
+    for index, (key, (epochs, chosen)) in enumerate(logs.items()):
+        color = f"C{index % 10}"
+        xs = list(epochs)
+        label = "" if key == "official" else f"fold {key} "
+        for name, style in (("train loss", "--"), ("valid loss", "-")):
+            points = [(x, epochs[x][name]) for x in xs if name in epochs[x]]
+            if points:
+                loss_ax.plot(*zip(*points), style, color=color, marker=".", label=f"{label}{name}")
+        points = [(x, 100 * epochs[x]["valid accuracy"]) for x in xs if "valid accuracy" in epochs[x]]
+        if points:
+            accuracy_ax.plot(*zip(*points), "-", color=color, marker=".", label=f"{label}valid".strip())
+        if chosen is not None:
+            accuracy_ax.axvline(chosen, color=color, alpha=0.3, linestyle=":")
+    for ax in (loss_ax, accuracy_ax):
+        ax.xaxis.set_major_locator(_ticker().MaxNLocator(integer=True))
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend(fontsize="x-small")
+    accuracy_ax.set_xlabel("epoch (dotted: chosen for test)")
+    accuracy_ax.set_ylabel("valid accuracy (%)")
+    accuracy_ax.legend(fontsize="x-small")
+    fig.suptitle(run.name)
+    _save(fig, path)
+    return True
+
+
+def summed_confusion(run: Run) -> tuple[list[str], list[list[int]], int] | None:
+    """(classes, test confusion summed over folds, folds summed); None without folds sharing one class list."""
+    matrices = [
+        (fold.get("classes"), fold["test"]["confusion_matrix"])
+        for fold in run.folds.values()
+        if isinstance(fold.get("test"), dict) and fold["test"].get("confusion_matrix")
+    ]
+    if not matrices or any(classes != matrices[0][0] for classes, _ in matrices):
+        return None
+    classes = matrices[0][0] or [str(index) for index in range(len(matrices[0][1]))]
+    size = len(classes)
+    total = [[sum(int(matrix[i][j]) for _, matrix in matrices) for j in range(size)] for i in range(size)]
+    return classes, total, len(matrices)
+
+
+def plot_confusion(run: Run, path: Path) -> bool:
+    """The test confusion matrix (rows true, columns predicted, colour = row share); False when there is none."""
+    confusion = summed_confusion(run)
+    if confusion is None:
+        return False
+    classes, matrix, folds = confusion
+    plt = _pyplot()
+    size = max(4.0, 0.32 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    shares = [[count / max(1, sum(row)) for count in row] for row in matrix]
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize="small")
+    ax.set_yticks(range(len(classes)), classes, fontsize="small")
+    if len(classes) <= 30:
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                color = "white" if shares[i][j] > 0.5 else "black"
+                ax.text(j, i, str(count), ha="center", va="center", fontsize="x-small", color=color)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{run.name}\ntest, {'summed over ' + str(folds) + ' folds' if folds > 1 else 'one split'}")
+    _save(fig, path)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- markdown
+
+
+def _cell(stats: tuple[float, float, int] | None, partial: bool = False) -> str:
+    if stats is None:
+        return "-"
+    return f"{100 * stats[0]:.2f} ± {100 * stats[1]:.2f}" + (" †" if partial else "")
+
+
+def _main_tables(groups: Sequence[Group]) -> list[str]:
+    """Per backbone, a method x dataset table of test accuracy (full training data only)."""
+    lines = []
+    for backbone in sorted({g.backbone for g in groups}):
+        chosen = [g for g in groups if g.backbone == backbone]
+        datasets = sorted({g.dataset for g in chosen})
+        methods = sorted({g.method for g in chosen}, key=_method_rank)
+        cells = {(g.method, g.dataset): _cell(g.stats("accuracy"), g.partial) for g in chosen}
+        lines += [f"### {backbone}", "", "| method | " + " | ".join(datasets) + " |"]
+        lines.append("|---" * (len(datasets) + 1) + "|")
+        for method in methods:
+            lines.append(f"| {method} | " + " | ".join(cells.get((method, d), "-") for d in datasets) + " |")
+        lines.append("")
+    return lines
+
+
+def _detail_table(groups: Sequence[Group]) -> list[str]:
+    unweighted = any(g.stats("unweighted_accuracy") for g in groups)
+    few_shot = any(g.few_shot is not None for g in groups)
+    header = ["dataset", "backbone", "method"] + ["K"] * few_shot + ["test accuracy (%)"]
+    header += ["unweighted accuracy (%)"] * unweighted
+    header += ["valid accuracy (%)", "trainable params", "trainable %", "runs", "folds"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for g in groups:
+        row = [g.dataset, g.backbone, g.method] + [str(g.few_shot)] * few_shot
+        row += [_cell(g.stats("accuracy"), g.partial)]
+        row += [_cell(g.stats("unweighted_accuracy"))] * unweighted
+        test = g.stats("accuracy")
+        row += [
+            _cell(g.stats("accuracy", "valid")),
+            f"{g.trainable:,}" if g.trainable is not None else "-",
+            f"{g.trainable_percent:.3f}" if g.trainable_percent is not None else "-",
+            str(len(g.runs)),
+            str(test[2] if test else 0),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def _few_shot_table(groups: Sequence[Group]) -> list[str]:
+    shots = sorted({g.few_shot for g in groups})
+    cells = {(g.dataset, g.backbone, g.method, g.few_shot): _cell(g.stats("accuracy"), g.partial) for g in groups}
+    rows = sorted({(g.dataset, g.backbone, g.method) for g in groups}, key=lambda r: (r[0], r[1], _method_rank(r[2])))
+    lines = ["| dataset | backbone | method | " + " | ".join(f"K={k}" for k in shots) + " |"]
+    lines.append("|---" * (len(shots) + 3) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(row) + " | " + " | ".join(cells.get((*row, k), "-") for k in shots) + " |")
+    return lines + [""]
+
+
+def _unique_names(runs: Sequence[Run]) -> dict[Path, str]:
+    """Each run's figure name, suffixed `_2`, `_3`... when two runs would share one."""
+    names, used = {}, defaultdict(int)
+    for run in runs:
+        used[run.name] += 1
+        names[run.path] = run.name if used[run.name] == 1 else f"{run.name}_{used[run.name]}"
+    return names
+
+
+def write_report(roots: Sequence[str | Path], out: str | Path) -> Path:
+    """Find the runs below `roots`, write report.md and the figures into `out`; returns report.md's path."""
+    runs, debug = find_runs(roots)
+    if not runs:
+        where = ", ".join(str(root) for root in roots)
+        raise ReportError(f"no finished recipe results.json below {where} (debug runs are left out); run a recipe")
+    out = Path(out)
+    groups = group_runs(runs)
+    full = [g for g in groups if g.few_shot is None]
+    few = [g for g in groups if g.few_shot is not None]
+    lines = [
+        "# Results",
+        "",
+        f"{len(runs)} run(s) (results.json) found below {', '.join(f'`{root}`' for root in roots)}"
+        + (f"; {len(debug)} debug run(s) left out." if debug else "."),
+        "Accuracies in %, mean ± population std over every fold of every seed; `runs` counts seeds (results.json),",
+        "`folds` the fold results pooled. † = some folds of a run are missing (partial).",
+        "",
+    ]
+    if full:
+        plot_accuracy_vs_params(full, out / MAIN_FIGURE)
+        lines += ["## Test accuracy", "", *_main_tables(full), "## Details", "", *_detail_table(full)]
+        lines += ["## Accuracy against trainable parameters", "", f"![accuracy against parameters]({MAIN_FIGURE})", ""]
+    if few:
+        plot_few_shot(few, out / FEW_SHOT_FIGURE)
+        lines += ["## Few-shot (test accuracy, K training items per class)", "", *_few_shot_table(few)]
+        lines += [f"![few-shot accuracy]({FEW_SHOT_FIGURE})", "", "### Details", "", *_detail_table(few)]
+    lines += ["## Runs", "", "| run | folds | missing | curves | confusion | results |", "|---|---|---|---|---|---|"]
+    names = _unique_names(runs)
+    for run in sorted(runs, key=lambda r: names[r.path]):
+        name = names[run.path]
+        curves = f"curves/{name}.png"
+        confusion = f"confusion/{name}.png"
+        curves_link = f"[png]({curves})" if plot_curves(run, out / curves) else "-"
+        confusion_link = f"[png]({confusion})" if plot_confusion(run, out / confusion) else "-"
+        missing = ", ".join(run.results.get("folds_missing") or []) or "-"
+        lines.append(f"| {name} | {len(run.folds)} | {missing} | {curves_link} | {confusion_link} | `{run.path}` |")
+    report = out / REPORT
+    write_text_atomic(report, "\n".join(lines) + "\n")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Command line; user errors end with one line on stderr and exit status 1."""
+    parser = argparse.ArgumentParser(prog="python -m petl_modules.report", description=__doc__.splitlines()[0])
+    parser.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR", help="folders searched for results.json")
+    parser.add_argument("--out", required=True, help="folder for report.md and the figures")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.results_dirs, args.out)
+    except ReportError as error:
+        sys.exit(f"report: error: {error}")
+    print(f"report written to {report}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
