@@ -1,0 +1,191 @@
+"""The benchmark (issue 10) on tiny backbones: rows, closed-form FLOPs, memory probes, targets, command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from petl_modules import benchmark
+from petl_modules.benchmark import BenchmarkError, Row, Setup, check_targets, parse_rows
+from petl_modules.checkpoints import write_random_checkpoint
+
+D, FFN, LAYERS, CLASSES = 32, 64, 2, 10  # the tiny checkpoints' sizes; the benchmark's class count
+FRAMES, BATCH = 100, 2
+TOKENS = 12 * 9 + 2  # AST at 100 frames: 12 x 9 patches, [CLS], [DIST]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("backbones")
+    return {kind: str(write_random_checkpoint(kind, root / kind)) for kind in ("ast", "wav2vec2")}
+
+
+@pytest.fixture(scope="module")
+def ast_setup(sources):
+    return Setup("ast", sources["ast"], FRAMES, BATCH)
+
+
+def test_rows_are_the_method_blocks_and_the_references():
+    rows = parse_rows("all")
+    assert rows[:10] == list(benchmark.METHOD_ORDER)
+    assert rows[-4:] == ["frozen_input_grad", "forward_only", "linear_cached", "lora_merged"]
+    assert parse_rows("lora, full_ft+ckpt,forward_only") == ["lora", "full_ft+ckpt", "forward_only"]
+    assert parse_rows("all,lora+ckpt,lora") == [*rows, "lora+ckpt"]
+    with pytest.raises(BenchmarkError, match="--methods: unknown row 'lorra'; use all or any of linear"):
+        parse_rows("lorra")
+    with pytest.raises(BenchmarkError, match="unknown row 'forward_only\\+ckpt'"):
+        parse_rows("forward_only+ckpt")
+
+
+def backbone_flops(batch: int, tokens: int, patches: int) -> int:
+    """Patch convolution, Q/K/V/O, attention (QK^T and AV), FFN, at 2 FLOPs per multiply-add."""
+    patch_conv = 2 * patches * 16 * 16 * D
+    per_layer = 4 * 2 * tokens * D * D + 2 * 2 * tokens * tokens * D + 2 * 2 * tokens * D * FFN
+    return batch * (patch_conv + LAYERS * per_layer)
+
+
+def test_forward_flops_match_the_closed_form(ast_setup):
+    head = 2 * D * CLASSES
+    linear = Row("linear", ast_setup).flops()
+    assert linear["forward_flops"] == backbone_flops(BATCH, TOKENS, TOKENS - 2) + BATCH * head
+    assert linear["injected_flops"] == 0 and linear["tokens"] == TOKENS
+    cached = Row("linear_cached", ast_setup).flops()
+    assert cached["forward_flops"] == BATCH * head  # the cached step runs the head alone
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_moa_layer_flops_match_the_closed_form(ast_setup, slots):
+    """Dense: router, every expert on every token (down, up, biases mixed by the router weights).
+    Soft: token-slot logits, dispatch, the experts on the slots only, combine. One mixture per layer (MHSA)."""
+    experts, bottleneck = 3, 8
+    options = {"num_adapters": experts, "reduction_rate_moa": D // bottleneck, "location_moa": "MHSA"}
+    dense = Row("dense_moa", ast_setup, options=options).flops()["injected_flops"]
+    soft = Row("soft_moa", ast_setup, options={**options, "num_slots": slots}).flops()["injected_flops"]
+    t, n = TOKENS, experts * slots
+    dense_layer = 2 * t * D * experts + 2 * t * D * experts * bottleneck * 2 + 2 * t * experts * D
+    soft_layer = 2 * t * D * n * 2 + 2 * n * D * bottleneck * 2 + 2 * t * n * D
+    assert dense == BATCH * LAYERS * dense_layer
+    assert soft == BATCH * LAYERS * soft_layer
+
+
+def test_reference_rows_do_what_they_say(ast_setup):
+    floor, linear = Row("frozen_input_grad", ast_setup), Row("linear", ast_setup)
+    assert [p.numel() for p in floor.trainable] == [p.numel() for p in linear.trainable]
+    seen = {}
+    floor.model.backbone.layers[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.update(x=args[0]), with_kwargs=True
+    )
+    floor.step()
+    assert seen["x"].grad is not None and seen["x"].grad.abs().sum() > 0  # the gradient reached the first layer
+    assert all(p.grad is None for p in floor.model.backbone.model.parameters() if not p.requires_grad)
+
+    merged = Row("lora_merged", ast_setup)
+    assert not merged.trains and all(layer.merged for layer in merged.model.lora_layers())
+    cached = Row("linear_cached", ast_setup)
+    assert cached.pooled.shape == (BATCH, D)
+    before = cached.model.head.linear.weight.detach().clone()
+    cached.step()
+    assert not torch.equal(before, cached.model.head.linear.weight)
+
+
+def test_measure_gives_every_row_its_figures_and_ratios(ast_setup):
+    rows = ["linear", "full_ft", "prefix_tuning", "frozen_input_grad", "forward_only", "linear_cached", "lora_merged"]
+    results = benchmark.measure(ast_setup, rows, repeats=2, warmup=1, memory=False, timing=True, log=lambda _: None)
+    by_name = {result["method"]: result for result in results}
+    assert list(by_name) == rows
+    for result in results:
+        assert {
+            "method",
+            "step_s",
+            "step_ratio_vs_full_ft",
+            "forward_flops",
+            "peak_mem_bytes",
+            "infer_s",
+        } <= result.keys()
+        assert result["forward_flops"] > 0
+    full_ft = by_name["full_ft"]
+    for name in ("linear", "prefix_tuning", "linear_cached", "forward_only"):
+        assert len(by_name[name]["step_times"]) == 2
+        assert by_name[name]["step_ratio_vs_full_ft"] == pytest.approx(by_name[name]["step_s"] / full_ft["step_s"])
+    assert by_name["lora_merged"]["step_s"] is None and by_name["lora_merged"]["infer_s"] > 0
+    assert by_name["frozen_input_grad"]["step_ratio_vs_floor"] == 1.0
+    prefix_len = Row("prefix_tuning", ast_setup).hparams["prefix_len"]
+    assert by_name["prefix_tuning"]["token_ratio"] == pytest.approx((TOKENS + prefix_len) / TOKENS)
+
+
+def synthetic(method: str, **figures) -> dict:
+    return {"method": method, "backbone": "ast", "frames": 100, **figures}
+
+
+def test_targets_are_decided_from_the_ratios():
+    results = [
+        synthetic("linear", step_s=1.0),
+        synthetic("linear_cached", step_s=0.04),
+        synthetic("lora", step_ratio_vs_floor=1.06),
+        synthetic("prompt_tuning", step_ratio_vs_floor=1.2, token_ratio=1.2),
+        synthetic("dense_moa", injected_flops=100),
+        synthetic("soft_moa", injected_flops=36),
+    ]
+    verdicts = {check["target"]: check["ok"] for check in check_targets(results)}
+    assert verdicts == {
+        "linear_cached step / linear step": True,
+        "lora step / frozen_input_grad step": False,  # 1.06 > 1.05
+        "prompt_tuning step / frozen_input_grad step": True,  # within 1.05 x its token ratio
+        "soft_moa MoA-layer FLOPs / dense_moa's": False,  # 0.36 > 0.35
+    }
+
+
+def test_memory_probe_sees_what_activation_checkpointing_saves(tmp_path):
+    """In fresh processes (as the benchmark runs them), on a 12-layer AST (hidden 64, FFN 256) at 400 frames,
+    batch 8, where activations dominate: full fine-tuning keeps every layer's activations for backward,
+    checkpointing only each layer's input."""
+    source = write_random_checkpoint(
+        "ast", tmp_path / "ast12", hidden_size=64, num_hidden_layers=12, intermediate_size=256
+    )
+    setup = Setup("ast", str(source), 400, 8)
+    points = benchmark.scaling(setup, ["full_ft", "full_ft+ckpt"], [400], [], steps=1, log=lambda _: None)
+    assert [p["method"] for p in points] == ["full_ft", "full_ft+ckpt"]
+    assert all("error" not in p and p["step_s"] > 0 for p in points), points
+    plain, recomputed = (p["peak_mem_bytes"] for p in points)
+    assert plain - recomputed > 40 * 2**20, (plain, recomputed)
+    benchmark.plot_scaling(points, tmp_path / "scaling.png")
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_command_line_writes_the_json_and_prints_the_table(sources, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = benchmark.main(
+        [
+            f"--wav2vec2_source={sources['wav2vec2']}",
+            "--methods=linear,lora,linear_cached,lora_merged,forward_only",
+            "--frames=50",
+            "--batch_size=2",
+            "--repeats=1",
+            "--warmup=0",
+            "--no_memory",
+            f"--json={out}",
+        ]
+    )
+    assert code == 0
+    written = json.loads(out.read_text())
+    assert [row["method"] for row in written["rows"]] == [
+        "linear",
+        "lora",
+        "linear_cached",
+        "lora_merged",
+        "forward_only",
+    ]
+    assert {row["backbone"] for row in written["rows"]} == {"wav2vec2"}
+    table = capsys.readouterr().out
+    assert "| backbone | method | step (s) |" in table and "| wav2vec2 | lora_merged |" in table
+
+
+def test_bad_options_are_one_line_errors(sources, capsys):
+    assert benchmark.main(["--methods=linear"]) == 2
+    assert "give --backbone_source DIR (AST) and/or --wav2vec2_source DIR" in capsys.readouterr().err
+    assert benchmark.main([f"--backbone_source={sources['ast']}", "--backbones=wav2vec2"]) == 2
+    assert "--backbones wav2vec2 needs --wav2vec2_source DIR" in capsys.readouterr().err
+    assert benchmark.main([f"--backbone_source={sources['ast']}", "--scaling", "--scaling_frames=100,x"]) == 2
+    assert "--scaling_frames must be comma-separated integers; got '100,x'" in capsys.readouterr().err
