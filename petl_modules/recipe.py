@@ -266,12 +266,21 @@ class Experiment:
             self.hparams_file, {**self.overrides, "output_folder": str(self.run_folder(fold)), "fold": fold_value}
         )
 
+    @staticmethod
+    def _recorded_differences(record: Path, tree: Mapping) -> list[str]:
+        """Keys whose value in a run's record differs from `tree`'s.
+
+        A null `num_classes` (the data's) is compared by `prepare`, once the data is prepared.
+        """
+        differ = differing_keys(ruamel.yaml.YAML().load(record.read_text(encoding="utf-8")), tree)
+        return [key for key in differ if not (key == "num_classes" and tree.get("num_classes") is None)]
+
     def _check_rerun(self, fold: int | None) -> bool:
         """True when the fold is finished with these settings; an error when its folder ran other settings."""
         folder = self.run_folder(fold)
         record = folder / HYPERPARAMS
         if record.is_file():
-            differ = differing_keys(ruamel.yaml.YAML().load(record.read_text(encoding="utf-8")), self.trees[fold])
+            differ = self._recorded_differences(record, self.trees[fold])
             if differ:
                 raise RecipeError(
                     f"{folder} ran with other settings ({', '.join(differ)} differ from {record}); "
@@ -291,7 +300,7 @@ class Experiment:
             record = self.run_folder(fold) / HYPERPARAMS
             if fold in self.selected or not (self.run_folder(fold) / FOLD_RESULT).is_file() or not record.is_file():
                 continue
-            differ = differing_keys(ruamel.yaml.YAML().load(record.read_text(encoding="utf-8")), self._fold_tree(fold))
+            differ = self._recorded_differences(record, self._fold_tree(fold))
             if differ:
                 raise RecipeError(
                     f"fold {fold} in {self.output_folder} ran with other settings ({', '.join(differ)} differ); "
@@ -313,8 +322,14 @@ class Experiment:
 
     def load_hparams(self, fold: int | None) -> dict:
         """The fold's hyperparameters, instantiated after seeding (every fold starts from the same init)."""
+        if self.trees[fold].get("num_classes", 0) is None:
+            raise RecipeError("num_classes is null: give --num_classes=N, the number of classes of the data")
         seed_everything(int(self.settings["seed"]))
         return load_tree(self.trees[fold])
+
+    def fold_settings(self, fold: int | None) -> dict:
+        """The fold's top-level values, resolved but not instantiated: `prepare`'s input before `load_hparams`."""
+        return resolved_settings(self.trees[fold])
 
     def record_hyperparams(self, fold: int | None) -> None:
         """`<run>/hyperparams.yaml`: the tree that runs, self-contained (rank 0; not under `--test_only`)."""
@@ -326,24 +341,47 @@ class Experiment:
         )
         run_on_main(write_text_atomic, args=[self.run_folder(fold) / HYPERPARAMS, dump_tree(self.trees[fold], header)])
 
-    def prepare(self, prepare: Callable[..., dict[str, Path]], hparams: Mapping, fold: int | None) -> dict[str, Path]:
-        """Manifests of this fold, written by rank 0 (the others wait); checks `num_classes` against them."""
+    def prepare(
+        self, prepare: Callable[..., dict[str, Path]], hparams: Mapping, fold: int | None, options: Sequence[str] = ()
+    ) -> dict[str, Path]:
+        """Manifests of this fold, written by rank 0 (the others wait); checks `num_classes` against them.
+
+        `options` names more keys of `hparams` that `prepare` takes by name (a data layout's options). A null
+        `num_classes` is the data's: the class count of `classes.txt` goes into the fold's tree, which
+        `load_hparams` builds and `record_hyperparams` records; such a recipe prepares first, with
+        `fold_settings(fold)` as `hparams` (recipes/AudioFolder/train.py).
+        """
         kwargs = {
             "data_folder": hparams["data_folder"],
             "save_folder": self.output_folder / MANIFESTS,
             "few_shot_samples": hparams["few_shot_samples"],
             "seed": hparams["seed"],
+            **{key: hparams[key] for key in options},
         }
         if fold is not None:
             kwargs["fold"] = fold
         manifests = run_on_main(prepare, kwargs=kwargs)
         classes = read_classes(Path(manifests["train"]).parent / CLASSES_FILE)
-        if len(classes) != hparams["num_classes"]:
+        if hparams["num_classes"] is None:
+            self._num_classes_from_data(fold, len(classes))
+        elif len(classes) != hparams["num_classes"]:
             raise RecipeError(
                 f"num_classes is {hparams['num_classes']} but the prepared {self.dataset} data has "
                 f"{len(classes)} classes; set --num_classes={len(classes)}"
             )
         return manifests
+
+    def _num_classes_from_data(self, fold: int | None, count: int) -> None:
+        """The fold's null `num_classes` becomes the data's `count`; a run folder that trained another stops."""
+        record = self.run_folder(fold) / HYPERPARAMS
+        if record.is_file():
+            recorded = (ruamel.yaml.YAML().load(record.read_text(encoding="utf-8")) or {}).get("num_classes")
+            if recorded is not None and recorded != count:
+                raise RecipeError(
+                    f"{self.run_folder(fold)} trained {recorded} classes but the prepared {self.dataset} data has "
+                    f"{count}; choose another --output_folder"
+                )
+        self.trees[fold]["num_classes"] = count
 
     def finish_fold(self, fold: int | None, brain, manifests: Mapping[str, Path]) -> dict:
         """This fold's result; written to `<run>/fold_result.json` by rank 0 unless `--test_only`."""

@@ -1,5 +1,5 @@
 """Your own data (recipes/AudioFolder): class folders and CSV layouts, split lists, the seeded stratified split,
-few-shot, reuse, one-line errors, and (once its train.py exists) the recipe end to end."""
+few-shot, reuse, one-line errors, and the recipe end to end through its command line."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
+from recipe_helpers import METHODS, TARGET_LENGTH, run_recipes
 
 from petl_modules.data import DataPreparationError, read_classes, read_manifest
 from petl_modules.data.audiofolder import make_audiofolder, prepare_audiofolder, stratified_split
@@ -257,29 +258,197 @@ def test_prepare_script_command_line(tmp_path):
     assert labels_per_split(manifests(tmp_path / "prep"))["test"] == {"sound_0": 1, "sound_1": 1}
 
 
-@pytest.mark.skipif(not (RECIPE / "train.py").is_file(), reason="recipes/AudioFolder/train.py not written yet")
-@pytest.mark.parametrize("layout", ["folders", "csv_split"])
-def test_recipe_end_to_end(tmp_path, layout):
-    from petl_modules.checkpoints import write_random_checkpoint
+# ------------------------------------------------------------------------------------------ the recipe end to end
+# recipes/AudioFolder/train.py through its command line, on generated data and the tiny AST / Wav2Vec2
+# checkpoints: no --num_classes anywhere, the class count comes from the data.
 
-    root = make_audiofolder(tmp_path / "data", num_classes=3, n_per_class=5, layout=layout)
-    ast = write_random_checkpoint("ast", tmp_path / "ast")
-    command = [
-        sys.executable,
-        str(RECIPE / "train.py"),
-        str(RECIPE / "hparams" / "linear.yaml"),
+# layout -> (make_audiofolder options, recipe options, files the layout adds); class counts differ on purpose
+LAYOUTS = {
+    "folders": ({"num_classes": 3, "layout": "folders"}, [], {}),
+    "csv": ({"num_classes": 4, "layout": "csv"}, ["--csv_file=labels.csv"], {}),
+    "csv_split": ({"num_classes": 2, "layout": "csv_split"}, ["--csv_file=labels.csv"], {}),
+    "csv_lists": (
+        {"num_classes": 2, "layout": "csv"},
+        ["--csv_file=labels.csv", "--valid_list=valid.txt", "--test_list=lists/test.txt"],
+        {
+            "valid.txt": "audio/0_0.wav\naudio/1_0.ogg\n",
+            "lists/test.txt": "audio/0_4.flac\naudio/1_3.ogg\naudio/1_4.wav\n",
+        },
+    ),
+}
+N_PER_CLASS = 5
+
+
+def make_layout(root: Path, layout: str) -> Path:
+    options, _, files = LAYOUTS[layout]
+    make_audiofolder(root, n_per_class=N_PER_CLASS, **options)
+    for name, text in files.items():
+        _write(root / name, text)
+    return root
+
+
+def expected_test_items(root: Path, layout: str) -> Counter:
+    """The test set each layout documents, as relative paths (lists, split column) or labels (drawn split)."""
+    if layout == "csv_split":
+        with open(root / "labels.csv", newline="") as handle:
+            return Counter(row["path"] for row in csv.DictReader(handle) if row["split"] == "test")
+    if layout == "csv_lists":
+        return Counter(LAYOUTS[layout][2]["lists/test.txt"].split())
+    # drawn: per class round(0.1 x 5) but at least one item
+    return Counter({f"sound_{c}": expected_count(0.1, N_PER_CLASS) for c in range(LAYOUTS[layout][0]["num_classes"])})
+
+
+def recipe_command(method: str, root: Path, output: Path, checkpoints: dict[str, Path], *extra: str) -> list[str]:
+    """A quick tiny run (1 epoch, batch 4, AST unless `extra` says --backbone=wav2vec2): no --num_classes."""
+    backbone = next((arg.split("=", 1)[1] for arg in extra if arg.startswith("--backbone=")), "ast")
+    return [
+        str(RECIPE / "hparams" / f"{method}.yaml"),
         f"--data_folder={root}",
-        f"--output_folder={tmp_path / 'out'}",
-        f"--backbone_source={ast}",
-        "--target_length=50",
+        f"--output_folder={output}",
+        f"--backbone_source={checkpoints[backbone]}",
+        f"--target_length={TARGET_LENGTH}",
         "--number_of_epochs=1",
         "--batch_size=4",
         "--num_workers=0",
         "--device=cpu",
         "--noprogressbar",
-    ] + (["--csv_file=labels.csv"] if layout != "folders" else [])
-    subprocess.run(command, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    from petl_modules.checkpoints import write_random_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {kind: write_random_checkpoint(kind, root / kind) for kind in ("ast", "wav2vec2")}
+
+
+@pytest.fixture(scope="module")
+def recipe_runs(tmp_path_factory, checkpoints) -> dict[str, tuple[Path, Path, dict]]:
+    """Every layout (LoRA), few-shot, Wav2Vec2, two bad commands, in one interpreter: name -> (data, out, outcome)."""
+    root = tmp_path_factory.mktemp("audiofolder_runs")
+    runs = {}
+    for layout in LAYOUTS:
+        runs[layout] = ("lora", make_layout(root / "data" / layout, layout), [*LAYOUTS[layout][1]])
+    folders = root / "data" / "folders"
+    runs["few_shot"] = ("linear", folders, ["--few_shot_samples=2"])
+    runs["wav2vec2"] = ("adapter", folders, ["--backbone=wav2vec2"])
+    runs["missing_folder"] = ("linear", root / "nowhere", [])
+    runs["wrong_num_classes"] = ("linear", folders, ["--num_classes=5"])
+    commands = [
+        ("AudioFolder", recipe_command(method, data, root / "out" / name, checkpoints, *extra))
+        for name, (method, data, extra) in runs.items()
+    ]
+    outcomes = run_recipes(commands, root / "report.json")
+    return {name: (data, root / "out" / name, outcome) for (name, (_, data, _)), outcome in zip(runs.items(), outcomes)}
+
+
+def finished(recipe_runs, name: str) -> tuple[Path, Path, dict]:
+    data, output, outcome = recipe_runs[name]
+    assert outcome["code"] == 0, outcome["message"]
+    return data, output, json.loads((output / "results.json").read_text())
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_recipe_end_to_end(recipe_runs, checkpoints, layout):
+    data, output, results = finished(recipe_runs, layout)
+    count = LAYOUTS[layout][0]["num_classes"]
+    classes = [f"sound_{c}" for c in range(count)]
     fold = results["folds"]["official"]
-    assert fold["classes"] == ["sound_0", "sound_1", "sound_2"]  # num_classes from the data
-    assert len(fold["test"]["confusion_matrix"]) == 3
+    assert results["dataset"] == "AudioFolder" and results["method"] == "lora" and results["backbone"] == "ast"
+    assert fold["classes"] == classes == read_classes(output / "manifests" / "classes.txt")
+    assert results["settings"]["num_classes"] == count
+    # the head is Linear(hidden, classes): built with the data's class count
+    hidden = json.loads((checkpoints["ast"] / "config.json").read_text())["hidden_size"]
+    assert results["parameters"]["trainable_groups"]["head"] == (hidden + 1) * count
+    # the recorded configuration is concrete: what prediction and export rebuild
+    assert "num_classes: null" not in (output / "hyperparams.yaml").read_text()
+    assert f"\nnum_classes: {count}\n" in (output / "hyperparams.yaml").read_text()
+    # the test stage scored the layout's test set, every item once
+    test_rows = read_manifest(output / "manifests" / "test.csv")
+    by_path = Counter(Path(row["wav"]).relative_to(data).as_posix() for row in test_rows)
+    expected = expected_test_items(data, layout)
+    assert (Counter(row["label"] for row in test_rows) if layout in ("folders", "csv") else by_path) == expected
+    matrix = fold["test"]["confusion_matrix"]
+    assert len(matrix) == count and all(len(row) == count for row in matrix)
+    assert [sum(row) for row in matrix] == [sum(row["label"] == label for row in test_rows) for label in classes]
+
+
+def test_few_shot_keeps_k_per_class_and_the_test_set(recipe_runs):
+    _, output, results = finished(recipe_runs, "few_shot")
+    _, full_output, full = finished(recipe_runs, "folders")
+    assert results["few_shot_samples"] == 2 and results["folds"]["official"]["train_items"] == 2 * 3
+    assert full["folds"]["official"]["train_items"] == 3 * (N_PER_CLASS - 2)
+    assert read_manifest(output / "manifests" / "test.csv") == read_manifest(full_output / "manifests" / "test.csv")
+
+
+def test_wav2vec2_backbone(recipe_runs):
+    _, _, results = finished(recipe_runs, "wav2vec2")
+    assert results["backbone"] == "wav2vec2" and results["method"] == "adapter"
+    assert results["folds"]["official"]["classes"] == ["sound_0", "sound_1", "sound_2"]
+    assert len(results["folds"]["official"]["test"]["confusion_matrix"]) == 3
+
+
+def test_classify_the_run(recipe_runs):
+    """Prediction rebuilds the model from the run's record: the data's classes, all of them scored."""
+    data, output, _ = finished(recipe_runs, "folders")
+    audio = sorted((data / "sound_1").iterdir())[0]
+    process = subprocess.run(
+        [sys.executable, "-m", "petl_modules.classify", "--run", str(output), str(audio), "--top_k=5", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        check=True,
+    )
+    (prediction,) = json.loads(process.stdout)
+    assert sorted(entry["label"] for entry in prediction["top_k"]) == ["sound_0", "sound_1", "sound_2"]
+    assert sum(entry["score"] for entry in prediction["top_k"]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("missing_folder", "AudioFolder recipe: error: --data_folder: {data} is not a folder; give the AudioFolder"),
+        ("wrong_num_classes", "AudioFolder recipe: error: num_classes is 5 but the prepared AudioFolder data has 3"),
+    ],
+)
+def test_bad_command_is_one_line(recipe_runs, name, message):
+    data, output, outcome = recipe_runs[name]
+    assert outcome["code"] == 1 and "\n" not in outcome["message"]
+    assert outcome["message"].startswith(message.format(data=data))
+    if name == "missing_folder":
+        assert not output.exists()  # nothing written
+
+
+def test_changed_class_count_under_an_unfinished_run_stops(tmp_path, checkpoints):
+    """A run folder resumed after a class was added: its checkpoints have the old head, so it stops, naming both."""
+    root = make_layout(tmp_path / "data", "folders")
+    command = [("AudioFolder", recipe_command("linear", root, tmp_path / "out", checkpoints))]
+    assert run_recipes(command, tmp_path / "first.json")[0]["code"] == 0
+    (tmp_path / "out" / "fold_result.json").unlink()  # as if stopped before the end
+    (root / "sound_9").mkdir()
+    for index in range(N_PER_CLASS):
+        sf.write(root / "sound_9" / f"new{index}.wav", [0.1] * 4000, 16000)
+    outcome = run_recipes(command, tmp_path / "second.json")[0]
+    assert outcome["code"] == 1 and "\n" not in outcome["message"]
+    assert outcome["message"] == (
+        f"AudioFolder recipe: error: {tmp_path / 'out'} trained 3 classes but the prepared AudioFolder data has 4; "
+        "choose another --output_folder"
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_file_per_method(method):
+    """hparams/<method>.yaml = the library's method block + audiofolder.yaml, num_classes left to the data."""
+    from petl_modules.hparams_loader import compose_tree
+
+    assert sorted(path.stem for path in (RECIPE / "hparams").glob("*.yaml")) == sorted([*METHODS, "audiofolder"])
+    tree = compose_tree(RECIPE / "hparams" / f"{method}.yaml", {"data_folder": "d", "output_folder": "o"})
+    assert tree["method_name"] == method and tree["num_classes"] is None
+    assert {key: tree[key] for key in ("csv_file", "valid_fraction", "test_fraction", "split_seed")} == {
+        "csv_file": None,
+        "valid_fraction": 0.1,
+        "test_fraction": 0.1,
+        "split_seed": 0,
+    }
