@@ -6,6 +6,10 @@
         [--no_memory] [--no_timing]
     python -m petl_modules.benchmark --scaling --backbone_source DIR --json OUT.json --plot OUT.png
         [--methods full_ft,lora,adapter] [--scaling_frames 100,256,512,1024] [--scaling_batch_sizes 1,2,4,8]
+    python -m petl_modules.benchmark --recipe_timing --backbone_source DIR --json OUT.json [--methods lora]
+        [--timing_epochs 3] [--timing_words 4] [--timing_clips 6] [--batch_size 8] [--num_workers 2] [--workdir DIR]
+        (real GSC recipe runs on generated data: epoch times of linear probing with and without cached
+        embeddings, and the share of data loading; see recipe_timing.py)
 
 Rows are the library's method blocks (`hparams/methods/<name>.yaml`, named as the recipes' hparams files;
 `<name>+ckpt` adds `activation_checkpointing: True`) and four references:
@@ -54,6 +58,7 @@ from .atomic import atomic_path, write_json_atomic
 from .hparams_loader import LIBRARY_HPARAMS, load_hparams
 from .linear_cached import logits_from_pooled, pooled_features
 from .methods.base import PETLModule
+from .recipe_timing import RecipeTimingError, recipe_timing
 
 METHODS_DIR = LIBRARY_HPARAMS / "methods"
 # The recipes' order (README); other method blocks found in METHODS_DIR follow.
@@ -582,6 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scaling_batch_sizes", default="1,2,4,8")
     parser.add_argument("--scaling_steps", type=int, default=3, help="timed steps per scaling point")
     parser.add_argument("--plot", help="scaling: write the PNG plot here")
+    parser.add_argument(
+        "--recipe_timing", action="store_true", help="epoch times of GSC recipe runs (recipe_timing.py)"
+    )
+    parser.add_argument("--timing_epochs", type=int, default=3, help="recipe timing: epochs per run")
+    parser.add_argument("--timing_words", type=int, default=4, help="recipe timing: generated GSC words")
+    parser.add_argument("--timing_clips", type=int, default=6, help="recipe timing: clips per word and split")
+    parser.add_argument("--num_workers", type=int, default=2, help="recipe timing: data loader workers")
+    parser.add_argument("--workdir", help="recipe timing: data and runs here (default: a new temporary folder)")
     parser.add_argument("--_probe", help=argparse.SUPPRESS)
     return parser
 
@@ -608,6 +621,25 @@ def setups(args) -> list[Setup]:
     ]
 
 
+def timed_recipes(args, log) -> dict:
+    """`--recipe_timing`: linear probing with and without cached embeddings, and `--methods` (default lora)."""
+    if not args.backbone_source:
+        raise BenchmarkError("--recipe_timing needs --backbone_source DIR (an AST folder)")
+    methods = ["lora"] if args.methods == "all" else [m for m in args.methods.split(",") if m]
+    unknown = [method for method in methods if method not in method_names() or method == "linear"]
+    if unknown:
+        raise BenchmarkError(f"--methods: {unknown[0]} is not a PETL method of the recipes (linear always runs)")
+    options = {
+        "epochs": args.timing_epochs,
+        "words": args.timing_words,
+        "clips": args.timing_clips,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "device": "cuda:0" if args.device == "cuda" else "cpu",
+    }
+    return recipe_timing(args.backbone_source, methods, options, args.workdir, log)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -621,8 +653,11 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
-        all_setups = setups(args)
-        if args.scaling:
+        if args.recipe_timing:
+            output = timed_recipes(args, log)
+            print(output["table"])
+        elif args.scaling:
+            all_setups = setups(args)
             rows = parse_rows("full_ft,lora,adapter" if args.methods == "all" else args.methods)
             frames, batches = (
                 int_list("--scaling_frames", args.scaling_frames),
@@ -639,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"step={_fmt(point['step_s'])} s  peak={_fmt(point['peak_mem_bytes'], 2**-20, 0)} MiB"
                 )
         else:
+            all_setups = setups(args)
             rows = parse_rows(args.methods)
             results = []
             for setup in all_setups:
@@ -653,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
             if checks:
                 print()
                 print(targets_table(checks))
-    except BenchmarkError as error:
+    except (BenchmarkError, RecipeTimingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbones.ast import ASTBackbone
 from .model import PETLModel
 
 
@@ -35,24 +36,60 @@ def head_norm(model: PETLModel) -> nn.LayerNorm | None:
     return model.head.norm if model.head.norm is not None else model.backbone.final_norm
 
 
-def check_cacheable(model: PETLModel, augmentation: bool = False) -> None:
-    """Raise a one-line ValueError unless `model` trains exactly from cached vectors (see the module doc)."""
+def cache_blocker(model: PETLModel, augmentation: bool = False) -> str | None:
+    """None when `model` trains exactly from cached vectors (see the module doc), else why not, in one line."""
     if model.method.name != "linear":
-        raise ValueError(
+        return (
             f"cached features need method linear (linear probing); {model.method.name} changes the backbone's "
             "output as it trains: set cache_embeddings: False"
         )
     if augmentation or getattr(model.backbone, "spec_augment", None) is not None:
-        raise ValueError(
+        return (
             "cached features need deterministic input: set spec_augment: False (and no augmentation) "
             "or cache_embeddings: False"
         )
     final_norm = model.backbone.final_norm
     if model.head.norm is not None and final_norm is not None and any(p.requires_grad for p in final_norm.parameters()):
-        raise ValueError(
+        return (
             "cached features with head_norm: True on a backbone with a final LayerNorm need train_final_norm: False "
             "(two trainable LayerNorms in a row do not reduce to one vector per file)"
         )
+    return None
+
+
+def check_cacheable(model: PETLModel, augmentation: bool = False) -> None:
+    """Raise a one-line ValueError unless `model` trains exactly from cached vectors (see the module doc)."""
+    reason = cache_blocker(model, augmentation)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def recipe_cache_blocker(model: PETLModel, cache_embeddings: bool, spec_augment: bool) -> str | None:
+    """None when a recipe run trains from cached vectors, else why the backbone runs every step.
+
+    The recipes' rule, shared by the data pipeline (`recipe.input_loader`) and the Brain: the option
+    `cache_embeddings` is on and `cache_blocker` finds nothing; SpecAugment counts only on AST (the Brain
+    skips it on waveform backbones).
+    """
+    if not cache_embeddings:
+        return "cache_embeddings: False"
+    augmented = bool(spec_augment) and isinstance(model.backbone, ASTBackbone)
+    return cache_blocker(model, augmented)
+
+
+class PooledOrFull(nn.Module):
+    """`model` behind one forward: `(vectors, pooled=True)` -> `logits_from_pooled`, else the full forward.
+
+    The recipes' Brain trains through it when batches may hold cached vectors, so that DDP (which wraps the
+    module the Brain calls) sees both paths and averages the head's gradients either way.
+    """
+
+    def __init__(self, model: PETLModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor | None = None, pooled: bool = False) -> torch.Tensor:
+        return logits_from_pooled(self.model, inputs) if pooled else self.model(inputs, lengths)
 
 
 @contextmanager

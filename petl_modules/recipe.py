@@ -58,7 +58,9 @@ from .data import (
     read_classes,
     read_manifest,
 )
+from .data.embedding_cache import EmbeddingCache
 from .hparams_loader import HparamsError, compose_tree, dump_tree, load_tree, parse_overrides, placeholders
+from .linear_cached import recipe_cache_blocker
 from .training import BASE_METRICS, MetricFn, missing_optional_packages
 
 logger = logging.getLogger(__name__)
@@ -127,17 +129,40 @@ def fold_key(fold: int | None) -> str:
 
 
 def input_loader(hparams: Mapping, cache_folder: Path) -> Callable[[str], torch.Tensor]:
-    """What `sig` is: AST's fbank through the feature cache (`cache_features`), else the 16 kHz waveform.
+    """What a file becomes: its pooled vector (linear probing, `cache_embeddings`), AST's fbank through the
+    feature cache (`cache_features`), else the 16 kHz waveform.
 
-    `feature_cache_folder` (null: `cache_folder`) may be shared by runs. Under DDP only rank 0 writes cached
-    features; the other ranks read what is there and compute the rest.
+    The pooled vectors (`EmbeddingCache`, valid only where `recipe_cache_blocker` finds nothing) make
+    `build_datasets` fill the cache before training and yield `pooled` instead of `sig`; a log line says which
+    path runs. `feature_cache_folder` (null: `cache_folder`) may be shared by runs. Under DDP only rank 0
+    writes cached features; the other ranks read what is there and compute the rest.
     """
-    backbone = hparams["model"].backbone
+    model = hparams["model"]
+    folder = hparams["feature_cache_folder"] or cache_folder
+    blocker = recipe_cache_blocker(model, hparams.get("cache_embeddings", False), hparams.get("spec_augment", False))
+    if blocker is None:
+        logger.info("Linear probing from cached embeddings: the backbone runs once per file (%s)", folder)
+        options = hparams["test_dataloader_options"]
+        return EmbeddingCache(
+            folder,
+            model,
+            str(hparams["backbone_source"]),
+            read_only=not if_main_process(),
+            batch_size=options.get("batch_size", 1),
+            num_workers=options.get("num_workers", 0),
+        )
+    if model.method.name == "linear":
+        logger.info("Linear probing runs the backbone every step: %s", blocker)
+    backbone = model.backbone
     if not (hparams["cache_features"] and isinstance(backbone, ASTBackbone)):
         return read_audio
-    folder = hparams["feature_cache_folder"] or cache_folder
     front_end = backbone.front_end
     return FeatureCache(folder, front_end.single, front_end.settings(), read_only=not if_main_process())
+
+
+def fill_device() -> torch.device:
+    """Where `build_datasets` fills the embedding cache: this process's GPU when there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def build_datasets(
@@ -145,13 +170,21 @@ def build_datasets(
 ) -> dict[str, DynamicItemDataset]:
     """Manifests -> datasets yielding `sig` (what `load` returns for the item's file) and `label_index`.
 
-    `label_index` is the label's line in the `classes.txt` beside the manifests.
+    `label_index` is the label's line in the `classes.txt` beside the manifests. With an `EmbeddingCache` as
+    `load`, the items yield `pooled` instead of `sig` (what the Brain passes to `logits_from_pooled`), and the
+    main process fills the cache for every file of every split first (the other ranks wait), and every
+    process then keeps the vectors in memory.
     """
     classes = read_classes(Path(manifests["train"]).parent / CLASSES_FILE)
     index = {label: position for position, label in enumerate(classes)}
+    input_key = "pooled" if isinstance(load, EmbeddingCache) else "sig"
+    if isinstance(load, EmbeddingCache):
+        files = [row["wav"] for path in manifests.values() for row in read_manifest(path)]
+        run_on_main(load.fill, args=[files], kwargs={"device": fill_device()})
+        load.preload(files)
 
     @sb.utils.data_pipeline.takes("wav")
-    @sb.utils.data_pipeline.provides("sig")
+    @sb.utils.data_pipeline.provides(input_key)
     def audio_pipeline(wav: str) -> torch.Tensor:
         return load(wav)
 
@@ -162,7 +195,7 @@ def build_datasets(
 
     return {
         split: DynamicItemDataset.from_csv(
-            str(path), dynamic_items=[audio_pipeline, label_pipeline], output_keys=["id", "sig", "label_index"]
+            str(path), dynamic_items=[audio_pipeline, label_pipeline], output_keys=["id", input_key, "label_index"]
         )
         for split, path in manifests.items()
     }

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_pr
 from torch.utils.data import DataLoader
 
 from .backbones.ast import ASTBackbone
+from .linear_cached import PooledOrFull, recipe_cache_blocker
 from .model import PETLModel
 
 logger = logging.getLogger(__name__)
@@ -250,7 +252,12 @@ class PETLBrain(sb.Brain):
     (`seed` and the epoch: resumable mid-epoch), split round-robin across ranks under DDP. Each validation saves
     a checkpoint carrying the validation metrics, keeping the best (by `selection_metric`) and the latest;
     `evaluate` then loads the best one. Expects hparams: `model`, `num_classes`, `number_of_epochs`, `seed`,
-    `warmup_steps`, `selection_metric`, `train_logger`; optional: `spec_augment` with `augmentation`.
+    `warmup_steps`, `selection_metric`, `train_logger`; optional: `spec_augment` with `augmentation`,
+    `cache_embeddings`, `log_timing` (per epoch in train_log.txt: `train_s`, the training stage's wall time;
+    `step_s`, the part inside `fit_batch` (forward, backward, optimizer step; CUDA synchronised); `data_s`, the
+    rest (waiting for the loader, its workers' start, the loop); `valid_s`). Batches with `pooled` vectors
+    (linear probing from cached embeddings) go through the head alone (`linear_cached.PooledOrFull`, which
+    then wraps the model where `recipe_cache_blocker` allows).
     """
 
     def __init__(
@@ -271,6 +278,12 @@ class PETLBrain(sb.Brain):
             self.augment_fbank = False
         if self.checkpointer is not None:
             self.checkpointer.add_recoverable("rng", RNGState())
+        self.log_timing = bool(getattr(self.hparams, "log_timing", False))
+        self.timing: dict[str, float] = {}
+        self._stage_started = 0.0
+        model = self.hparams.model
+        if recipe_cache_blocker(model, getattr(self.hparams, "cache_embeddings", False), self.augment_fbank) is None:
+            self.modules["model"] = PooledOrFull(model)  # batches may hold cached vectors (`pooled`)
 
     def make_dataloader(self, dataset, stage: sb.Stage, ckpt_prefix: str | None = "dataloader-", **loader_kwargs):
         """SpeechBrain's loaders; the train one gets the seeded sampler unless a sampler or shuffle is given."""
@@ -313,6 +326,8 @@ class PETLBrain(sb.Brain):
 
     def compute_forward(self, batch, stage: sb.Stage) -> torch.Tensor:
         batch = batch.to(self.device)
+        if hasattr(batch, "pooled"):  # cached vectors (`recipe.build_datasets`): the head alone, see linear_cached.py
+            return self.modules.model(batch.pooled.data, pooled=True)
         inputs, lengths = batch.sig  # waveforms (batch, samples) or cached fbank (batch, frames, mel)
         if stage == sb.Stage.TRAIN and self.augment_fbank:
             backbone = self.hparams.model.backbone
@@ -326,11 +341,25 @@ class PETLBrain(sb.Brain):
             self.confusion += confusion_matrix(logits.argmax(dim=-1), targets, self.hparams.num_classes)
         return F.cross_entropy(logits.float(), targets)
 
+    def fit_batch(self, batch) -> torch.Tensor:
+        """SpeechBrain's step; with `log_timing`, its wall time (device synchronised) adds to `step_s`."""
+        if not self.log_timing:
+            return super().fit_batch(batch)
+        started = time.perf_counter()
+        loss = super().fit_batch(batch)
+        if self.device_type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timing["step_s"] += time.perf_counter() - started
+        return loss
+
     def on_fit_batch_end(self, batch, outputs, loss, should_step: bool) -> None:
         if should_step:
             self.lr_schedule.step()
 
     def on_stage_start(self, stage: sb.Stage, epoch: int | None = None) -> None:
+        self._stage_started = time.perf_counter()
+        if stage == sb.Stage.TRAIN:
+            self.timing = {"step_s": 0.0}
         if stage != sb.Stage.TRAIN:
             self.confusion = torch.zeros(self.hparams.num_classes, self.hparams.num_classes, dtype=torch.long)
 
@@ -342,14 +371,17 @@ class PETLBrain(sb.Brain):
             train_logger.log_stats(stats_meta, **stats)
 
     def on_stage_end(self, stage: sb.Stage, stage_loss: float, epoch: int | None = None) -> None:
+        elapsed = time.perf_counter() - self._stage_started
         if stage == sb.Stage.TRAIN:
             self.train_loss = float(stage_loss)
+            self.timing.update(train_s=elapsed, data_s=elapsed - self.timing["step_s"])
             return
         stats = self.stage_metrics(stage_loss)
         if stage == sb.Stage.VALID:
-            self._log(
-                {"epoch": epoch, "lr": self.lr_schedule.lr}, train_stats={"loss": self.train_loss}, valid_stats=stats
-            )
+            train_stats = {"loss": self.train_loss}
+            if self.log_timing:
+                train_stats.update(self.timing, valid_s=elapsed)
+            self._log({"epoch": epoch, "lr": self.lr_schedule.lr}, train_stats=train_stats, valid_stats=stats)
             self.checkpointer.save_and_keep_only(
                 meta={**stats, "epoch": epoch}, max_keys=[self.hparams.selection_metric], num_to_keep=1
             )
