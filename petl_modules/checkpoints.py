@@ -39,6 +39,18 @@ def backbone_config(kind: str, size: str = "tiny", **overrides):
     raise ValueError(f"kind must be ast, wav2vec2 or hubert; got {kind!r}")
 
 
+def ast_preprocessor_config(config, mean: float = AUDIOSET_MEAN, std: float = AUDIOSET_STD) -> dict:
+    """An AST checkpoint's preprocessor_config.json: the fbank normalisation (mean, std) and input size."""
+    return {
+        "feature_extractor_type": "ASTFeatureExtractor",
+        "mean": mean,
+        "std": std,
+        "sampling_rate": 16000,
+        "num_mel_bins": config.num_mel_bins,
+        "max_length": config.max_length,
+    }
+
+
 def write_random_checkpoint(kind: str, folder: str | Path, size: str = "tiny", seed: int = 0, **overrides) -> Path:
     """Save a randomly initialised `kind` backbone (and its preprocessor config) to `folder`."""
     folder = Path(folder)
@@ -53,14 +65,7 @@ def write_random_checkpoint(kind: str, folder: str | Path, size: str = "tiny", s
             model.embeddings.distillation_token.normal_(std=0.02)
     model.save_pretrained(folder)
     preprocessor = (
-        {
-            "feature_extractor_type": "ASTFeatureExtractor",
-            "mean": AUDIOSET_MEAN,
-            "std": AUDIOSET_STD,
-            "sampling_rate": 16000,
-            "num_mel_bins": config.num_mel_bins,
-            "max_length": config.max_length,
-        }
+        ast_preprocessor_config(config)
         if kind == "ast"
         else {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "do_normalize": True, "sampling_rate": 16000}
     )
