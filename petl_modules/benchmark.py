@@ -57,23 +57,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from .atomic import atomic_path, write_json_atomic
 from .hparams_loader import LIBRARY_HPARAMS, load_hparams
 from .linear_cached import logits_from_pooled, pooled_features
+from .methods import METHOD_FILES
 from .methods.base import PETLModule
 from .recipe_timing import RecipeTimingError, recipe_timing
 
 METHODS_DIR = LIBRARY_HPARAMS / "methods"
-# The recipes' order (README); other method blocks found in METHODS_DIR follow.
-METHOD_ORDER = (
-    "linear",
-    "full_ft",
-    "adapter",
-    "conformer_adapter",
-    "prompt_tuning",
-    "prefix_tuning",
-    "lora",
-    "bitfit",
-    "dense_moa",
-    "soft_moa",
-)
+# The papers' order; other method blocks found in METHODS_DIR follow.
+METHOD_ORDER = METHOD_FILES
 # Reference row -> the method block it is built from.
 REFERENCES = {"frozen_input_grad": "linear", "forward_only": "linear", "linear_cached": "linear", "lora_merged": "lora"}
 INFERENCE_ONLY = ("forward_only", "lora_merged")

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from petl_modules.atomic import atomic_path, write_text_atomic
+from petl_modules.methods import METHOD_FILES
 
 __all__ = [
     "METHOD_ORDER",
@@ -56,18 +57,7 @@ REPORT = "report.md"
 MAIN_FIGURE = "accuracy_vs_params.png"
 FEW_SHOT_FIGURE = "few_shot.png"
 # Table order: the papers' (others follow alphabetically).
-METHOD_ORDER = (
-    "linear",
-    "full_ft",
-    "bitfit",
-    "prompt_tuning",
-    "prefix_tuning",
-    "lora",
-    "adapter",
-    "conformer_adapter",
-    "dense_moa",
-    "soft_moa",
-)
+METHOD_ORDER = METHOD_FILES
 _REQUIRED = ("dataset", "method", "folds", "parameters")
 
 

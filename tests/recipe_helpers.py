@@ -16,21 +16,11 @@ from pathlib import Path
 
 from petl_modules.checkpoints import write_random_checkpoint
 from petl_modules.data.synthetic import make_esc50, make_fsc, make_gsc, make_iemocap, make_urbansound8k
+from petl_modules.methods import METHOD_FILES
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-METHODS = (
-    "linear",
-    "full_ft",
-    "adapter",
-    "conformer_adapter",
-    "prompt_tuning",
-    "prefix_tuning",
-    "lora",
-    "bitfit",
-    "dense_moa",
-    "soft_moa",
-)
+METHODS = METHOD_FILES
 TARGET_LENGTH = 50  # AST frames: 4 time columns x 12 frequency rows
 
 # recipe folder -> (dataset generator with its tiny options, class count, extra options for a quick run)

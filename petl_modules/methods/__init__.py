@@ -13,8 +13,23 @@ METHODS: dict[str, type[Method]] = {
     for method in (LinearProbing, FullFineTuning, Adapter, PromptTuning, PrefixTuning, LoRA, BitFit, DenseMoA, SoftMoA)
 }
 
+# The method blocks of every recipe (hparams/methods/<name>.yaml), in the papers' table order.
+METHOD_FILES = (
+    "linear",
+    "full_ft",
+    "bitfit",
+    "prompt_tuning",
+    "prefix_tuning",
+    "lora",
+    "adapter",
+    "conformer_adapter",
+    "dense_moa",
+    "soft_moa",
+)
+
 __all__ = [
     "METHODS",
+    "METHOD_FILES",
     "Adapter",
     "AdaptedSublayer",
     "BitFit",
