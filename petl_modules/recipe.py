@@ -146,7 +146,6 @@ def input_loader(hparams: Mapping, cache_folder: Path) -> Callable[[str], torch.
         return EmbeddingCache(
             folder,
             model,
-            str(hparams["backbone_source"]),
             read_only=not if_main_process(),
             batch_size=options.get("batch_size", 1),
             num_workers=options.get("num_workers", 0),

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import soundfile as sf
+import torch
+from transformers import ASTModel
 
 from petl_modules import demo
+from petl_modules.backbones.ast import FbankFrontEnd
 from petl_modules.pretrain import PretrainSettings
 
 RECORDED = {  # method -> (trainable, backbone, valid accuracy, test accuracy, seconds)
@@ -83,7 +87,42 @@ def test_demo_end_to_end_at_small_size_reuses_everything(tmp_path, monkeypatch, 
     assert "linear_random_init" in (run / "hyperparams.yaml").read_text()
     assert (run / "demo_recipe.log").is_file() and (tmp_path / "report" / "accuracy_vs_params.png").is_file()
 
+    assert_linear_probed_the_pretrained_weights(tmp_path)
+
     stamp = (run / demo.RUN_INFO).stat().st_mtime_ns
     assert demo.main(argv) == 0
     assert (run / demo.RUN_INFO).stat().st_mtime_ns == stamp
     assert json.loads((tmp_path / "demo_results.json").read_text()) == rows
+
+
+def assert_linear_probed_the_pretrained_weights(output):
+    """`linear`'s embedding cache holds the PRETRAINED AST's vectors, computed here with transformers alone.
+
+    The control has its own: both runs name the same --backbone_source, once the cache's whole key, so the
+    control (run first) cached its random-weight vectors where `linear` then read them. Now the key digests
+    the weights: two caches, and exactly one holds the pretrained AST's vectors.
+    """
+    caches = {
+        path.parent: json.loads(path.read_text()) for path in (output / "feature_cache").glob("*/*/settings.json")
+    }
+    embeddings = {
+        folder: key for folder, key in caches.items() if key.get("features") == "pooled_normalised_last_layer"
+    }
+    assert len({key["weights"] for key in embeddings.values()}) == len(embeddings) == 2
+    backbone = output / "backbone_ast_pretrained"
+    preprocessor = json.loads((backbone / "preprocessor_config.json").read_text())
+    front_end = FbankFrontEnd(100, 128, mean=preprocessor["mean"], std=preprocessor["std"])
+    ast = ASTModel.from_pretrained(backbone).eval()
+    wavs = sorted((output / "data" / "speech_commands_v0.02").glob("[a-z]*/*.wav"))
+    fbank = torch.stack([front_end.single(torch.from_numpy(sf.read(wav, dtype="float32")[0])) for wav in wavs])
+    with torch.no_grad():
+        last = ast(fbank, output_hidden_states=True).hidden_states[-1]
+    expected = torch.nn.functional.layer_norm(last, last.shape[-1:], eps=ast.config.layer_norm_eps).mean(dim=1)
+    matches = []
+    for folder in embeddings:
+        cached = torch.stack([torch.load(path, weights_only=True) for path in sorted(folder.glob("*.pt"))])
+        assert len(cached) == len(expected) == 40
+        # The cache's file names hash paths: match vectors instead (exact distances, not the matmul shortcut).
+        distance = torch.cdist(expected, cached, compute_mode="donot_use_mm_for_euclid_dist")
+        matches.append(bool(distance.min(dim=1).values.max() < 1e-4))
+    assert sorted(matches) == [False, True]

@@ -145,7 +145,7 @@ def write_wavs(folder, count: int = 3):
 def test_cache_stores_each_file_once_and_gives_the_file_alone_vector(checkpoints, tmp_path, name):
     model = linear_probe(checkpoints[name], "mean")
     paths = write_wavs(tmp_path / "audio")
-    cache = embedding_cache(tmp_path / "cache", model, str(checkpoints[name]))
+    cache = embedding_cache(tmp_path / "cache", model)
     first = [cache(path) for path in paths]
     entries = sorted(cache.folder.glob("*.pt"))
     assert len(entries) == len(paths) and (cache.folder / "settings.json").is_file()
@@ -157,29 +157,32 @@ def test_cache_stores_each_file_once_and_gives_the_file_alone_vector(checkpoints
         assert vector.shape == (model.backbone.hidden_size,)
 
     stamps = [os.stat(entry).st_mtime_ns for entry in entries]
-    again = embedding_cache(tmp_path / "cache", model, str(checkpoints[name]))
+    again = embedding_cache(tmp_path / "cache", model)
     for path, vector in zip(paths, first):
         torch.testing.assert_close(again(path), vector)
     assert [os.stat(entry).st_mtime_ns for entry in entries] == stamps  # read back, not recomputed
 
 
 def test_cache_key_follows_pooling_and_backbone_weights(checkpoints, tmp_path):
-    source = str(checkpoints["ast"])
-    mean = embedding_cache(tmp_path, linear_probe(checkpoints["ast"], "mean"), source)
-    cls = embedding_cache(tmp_path, linear_probe(checkpoints["ast"], "cls"), source)
-    other = embedding_cache(tmp_path, linear_probe(checkpoints["wav2vec2"], "mean"), str(checkpoints["wav2vec2"]))
+    mean = embedding_cache(tmp_path, linear_probe(checkpoints["ast"], "mean"))
+    cls = embedding_cache(tmp_path, linear_probe(checkpoints["ast"], "cls"))
+    other = embedding_cache(tmp_path, linear_probe(checkpoints["wav2vec2"], "mean"))
     assert len({mean.folder, cls.folder, other.folder}) == 3
-    weights = next(checkpoints["ast"].glob("*.safetensors"))
+    weights = next(checkpoints["ast"].glob("*.safetensors"))  # touched, same weights: same vectors, same key
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    rewritten = embedding_cache(tmp_path, linear_probe(checkpoints["ast"], "mean"), source)
-    assert rewritten.folder != mean.folder
+    assert embedding_cache(tmp_path, linear_probe(checkpoints["ast"], "mean")).folder == mean.folder
+    # The same source with other weights (the demo's random-init control) never reads these vectors.
+    probe = linear_probe(checkpoints["ast"], "mean")
+    with torch.no_grad():
+        next(probe.backbone.model.parameters()).add_(1.0)
+    assert embedding_cache(tmp_path, probe).folder != mean.folder
 
 
 def test_cache_refuses_methods_and_inputs_that_change_during_training(checkpoints, tmp_path):
     backbone = build_backbone("ast", str(checkpoints["ast"]), target_length=TARGET_LENGTH)
     lora = PETLModel(backbone, METHODS["lora"](reduction_rate=8), num_classes=5)
     with pytest.raises(ValueError, match="need method linear.*lora"):
-        embedding_cache(tmp_path, lora, str(checkpoints["ast"]))
+        embedding_cache(tmp_path, lora)
     two_norms = linear_probe(checkpoints["wav2vec2_stable"], head_norm=True, train_final_norm=True)
     with pytest.raises(ValueError, match="head_norm: True .* need train_final_norm: False"):
         pooled_features(two_norms, *waveforms(2))

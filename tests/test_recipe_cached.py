@@ -205,7 +205,7 @@ def test_batched_fill_gives_each_file_alone_vector_and_preload_reads_no_file(tmp
         paths.append(tmp_path / "audio" / f"clip{index}.wav")
         paths[-1].parent.mkdir(exist_ok=True)
         sf.write(paths[-1], torch.randn(int(16000 * seconds), generator=generator).numpy(), 16000, subtype="FLOAT")
-    cache = EmbeddingCache(tmp_path / "cache", model, str(checkpoint), batch_size=4)
+    cache = EmbeddingCache(tmp_path / "cache", model, batch_size=4)
     assert cache.fill(paths + paths[:2]) == len(paths) and cache.fill(paths) == 0  # each file once
     assert model.training and model.head.linear.training  # modes restored
     cache.preload(paths)

@@ -2,8 +2,8 @@
 
 A `FeatureCache` whose features are `linear_cached.pooled_features` of one file (see that module for why
 training the final LayerNorm and the head from them is exact). The folder's key holds everything the vector
-depends on: the backbone class, its source (a local folder by path and by the size and modification time of
-its files, so rewritten weights are a new key; a hub id by name), the input settings, the pooling and the
+depends on: the backbone class, a digest of its weights (so two backbones with the same source but other
+weights, such as a random-init control, never share vectors), the input settings, the pooling and the
 norm's eps. Entries are per file (path, size, modification time) and written atomically. The recipes fill
 the cache before training (`fill`, batched, on the main process), keep the vectors in memory (`preload`)
 and train from them (`recipe.build_datasets`, `training.PETLBrain`).
@@ -11,6 +11,7 @@ and train from them (`recipe.build_datasets`, `training.PETLBrain`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -32,26 +33,26 @@ from .feature_cache import FeatureCache
 logger = logging.getLogger(__name__)
 
 
-def source_identity(source: str) -> dict:
-    """A hub id as is; a local folder as its resolved path plus (size, mtime) of every file in it."""
-    path = Path(source).expanduser()
-    if not path.is_dir():
-        return {"hub_id": source}
-    files = sorted(item for item in path.iterdir() if item.is_file())
-    return {
-        "folder": str(path.resolve()),
-        "files": {item.name: [item.stat().st_size, item.stat().st_mtime_ns] for item in files},
-    }
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-1 of a module's tensors (names, shapes, dtypes, bytes): the weights its outputs depend on.
+
+    Keys the cache by the weights that ran, wherever they came from (a folder, the hub, a random init).
+    """
+    digest = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
-def embedding_settings(model: PETLModel, backbone_source: str) -> dict:
+def embedding_settings(model: PETLModel) -> dict:
     """Everything a cached vector depends on besides the audio file (the cache folder's key)."""
     backbone = model.backbone
     norm = head_norm(model)
     settings = {
         "features": "pooled_normalised_last_layer",
         "backbone": type(backbone).__name__,
-        "source": source_identity(backbone_source),
+        "weights": weights_digest(backbone.model),
         "pooling": model.head.pooling,
         "norm_eps": None if norm is None else norm.eps,
     }
@@ -88,7 +89,6 @@ class EmbeddingCache(FeatureCache):
         self,
         folder: str | Path,
         model: PETLModel,
-        backbone_source: str,
         read_only: bool = False,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -98,7 +98,7 @@ class EmbeddingCache(FeatureCache):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.in_memory: dict[str, torch.Tensor] = {}
-        super().__init__(folder, self._extract, embedding_settings(model, backbone_source), read_only=read_only)
+        super().__init__(folder, self._extract, embedding_settings(model), read_only=read_only)
 
     def __call__(self, wav_path: str | Path) -> torch.Tensor:
         vector = self.in_memory.get(str(wav_path))
@@ -160,6 +160,6 @@ class EmbeddingCache(FeatureCache):
         return len(missing)
 
 
-def embedding_cache(folder: str | Path, model: PETLModel, backbone_source: str, **options) -> EmbeddingCache:
-    """`EmbeddingCache(folder, model, backbone_source, **options)`: see there."""
-    return EmbeddingCache(folder, model, backbone_source, **options)
+def embedding_cache(folder: str | Path, model: PETLModel, **options) -> EmbeddingCache:
+    """`EmbeddingCache(folder, model, **options)`: see there."""
+    return EmbeddingCache(folder, model, **options)
