@@ -22,6 +22,15 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 METHODS = METHOD_FILES
 TARGET_LENGTH = 50  # AST frames: 4 time columns x 12 frequency rows
+# What makes a recipe run take seconds: tiny input, one epoch, small batches, no loader workers.
+QUICK_OPTIONS = (
+    f"--target_length={TARGET_LENGTH}",
+    "--number_of_epochs=1",
+    "--batch_size=4",
+    "--num_workers=0",
+    "--device=cpu",
+    "--noprogressbar",
+)
 
 # recipe folder -> (dataset generator with its tiny options, class count, extra options for a quick run)
 DATASETS = {
@@ -92,12 +101,7 @@ def recipe_args(
         f"--backbone={backbone}",
         f"--backbone_source={workspace[backbone]}",
         f"--num_classes={num_classes}",
-        f"--target_length={TARGET_LENGTH}",
-        "--number_of_epochs=1",
-        "--batch_size=4",
-        "--num_workers=0",
-        "--device=cpu",
-        "--noprogressbar",
+        *QUICK_OPTIONS,
         *options,
         *extra,
     ]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from recipe_helpers import METHODS, TARGET_LENGTH, run_recipes
+from recipe_helpers import METHODS, QUICK_OPTIONS, run_recipes
 
 from petl_modules.data import DataPreparationError, read_classes, read_manifest
 from petl_modules.data.audiofolder import make_audiofolder, prepare_audiofolder, stratified_split
@@ -306,12 +306,7 @@ def recipe_command(method: str, root: Path, output: Path, checkpoints: dict[str,
         f"--data_folder={root}",
         f"--output_folder={output}",
         f"--backbone_source={checkpoints[backbone]}",
-        f"--target_length={TARGET_LENGTH}",
-        "--number_of_epochs=1",
-        "--batch_size=4",
-        "--num_workers=0",
-        "--device=cpu",
-        "--noprogressbar",
+        *QUICK_OPTIONS,
         *extra,
     ]
 
