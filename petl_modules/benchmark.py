@@ -22,7 +22,8 @@ features of `frames` 10-ms frames (the feature cache's form), Wav2Vec2 the wavef
 What is measured, and how:
 - step_s: median wall time of a training step (forward, cross-entropy, backward, AdamW step) after
   `warmup` rounds; every round runs one step of every row in turn (round robin), so machine noise hits all
-  rows alike. infer_s: the same for a no-grad eval forward.
+  rows alike. infer_s: the same for a no-grad eval forward. Time ratios are the median over rounds of the
+  two rows' ratio within a round (`paired_ratio`).
 - peak_mem_bytes: in a fresh process per row, after one warm-up step, the peak of one more step. CUDA:
   `torch.cuda.max_memory_allocated`. CPU: the bytes of the tensors alive when the step starts (weights,
   buffers, gradients, optimizer state, inputs: counted exactly) plus the process's resident-set growth
@@ -391,22 +392,34 @@ def _ratio(value, reference):
     return None if value is None or not reference else value / reference
 
 
+def paired_ratio(row: dict, reference: dict, key: str):
+    """The median over rounds of row's time / reference's time in the same round (`key`: step or infer).
+
+    Both rows ran in every round, seconds apart, so each round's ratio cancels slow drifts of the machine
+    that a ratio of the two medians keeps. Falls back to that ratio when the rounds do not pair up.
+    """
+    times, reference_times = row.get(f"{key}_times") or [], reference.get(f"{key}_times") or []
+    if times and len(times) == len(reference_times) and all(reference_times):
+        return statistics.median(value / base for value, base in zip(times, reference_times))
+    return _ratio(row.get(f"{key}_s"), reference.get(f"{key}_s"))
+
+
 def add_ratios(results: list[dict]) -> None:
-    """Each figure over full_ft's of the same run, the step over the floor, and the token ratio."""
+    """Each figure over full_ft's of the same run, the step over the floor, and the token ratio.
+
+    Time ratios are paired per round (`paired_ratio`); counts (FLOPs, memory) are plain ratios.
+    """
     by_name = {result["method"]: result for result in results}
     full_ft = by_name.get("full_ft", {})
     floor = by_name.get("frozen_input_grad", {})
     plain = by_name.get("forward_only", {})
     for result in results:
-        for key, short in (
-            ("step_s", "step"),
-            ("infer_s", "infer"),
-            ("forward_flops", "flops"),
-            ("peak_mem_bytes", "mem"),
-        ):
-            result[f"{short}_ratio_vs_full_ft"] = _ratio(result.get(key), full_ft.get(key))
-        result["step_ratio_vs_floor"] = _ratio(result.get("step_s"), floor.get("step_s"))
-        result["infer_ratio_vs_forward_only"] = _ratio(result.get("infer_s"), plain.get("infer_s"))
+        result["step_ratio_vs_full_ft"] = paired_ratio(result, full_ft, "step")
+        result["infer_ratio_vs_full_ft"] = paired_ratio(result, full_ft, "infer")
+        result["flops_ratio_vs_full_ft"] = _ratio(result.get("forward_flops"), full_ft.get("forward_flops"))
+        result["mem_ratio_vs_full_ft"] = _ratio(result.get("peak_mem_bytes"), full_ft.get("peak_mem_bytes"))
+        result["step_ratio_vs_floor"] = paired_ratio(result, floor, "step")
+        result["infer_ratio_vs_forward_only"] = paired_ratio(result, plain, "infer")
         base_tokens = by_name.get("linear", floor).get("tokens")
         tokens = result.get("tokens")
         if tokens and base_tokens:
@@ -429,7 +442,7 @@ def check_targets(results: list[dict]) -> list[dict]:
             )
 
     cached, linear = by_name.get("linear_cached", {}), by_name.get("linear", {})
-    add("linear_cached step / linear step", _ratio(cached.get("step_s"), linear.get("step_s")), 0.05)
+    add("linear_cached step / linear step", paired_ratio(cached, linear, "step"), 0.05)
     for name in INNER_METHODS:
         row = by_name.get(name, {})
         allowance = 1.05 * (row.get("token_ratio") or 1.0) if name in ("prompt_tuning", "prefix_tuning") else 1.05

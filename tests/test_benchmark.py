@@ -108,11 +108,22 @@ def test_measure_gives_every_row_its_figures_and_ratios(ast_setup):
     full_ft = by_name["full_ft"]
     for name in ("linear", "prefix_tuning", "linear_cached", "forward_only"):
         assert len(by_name[name]["step_times"]) == 2
-        assert by_name[name]["step_ratio_vs_full_ft"] == pytest.approx(by_name[name]["step_s"] / full_ft["step_s"])
+        per_round = [a / b for a, b in zip(by_name[name]["step_times"], full_ft["step_times"])]
+        assert by_name[name]["step_ratio_vs_full_ft"] == pytest.approx(sum(per_round) / 2)  # median of two
     assert by_name["lora_merged"]["step_s"] is None and by_name["lora_merged"]["infer_s"] > 0
     assert by_name["frozen_input_grad"]["step_ratio_vs_floor"] == 1.0
     prefix_len = Row("prefix_tuning", ast_setup).hparams["prefix_len"]
     assert by_name["prefix_tuning"]["token_ratio"] == pytest.approx((TOKENS + prefix_len) / TOKENS)
+
+
+def test_time_ratios_pair_the_rounds():
+    # Rounds 1-3: the row takes 2, 1 and 3 times the reference; a machine slowdown in round 3 hits both.
+    row = {"step_times": [2.0, 4.0, 9.0], "step_s": 4.0}
+    reference = {"step_times": [1.0, 4.0, 3.0], "step_s": 3.0}
+    assert benchmark.paired_ratio(row, reference, "step") == 2.0  # not 4 / 3, the ratio of the medians
+    unpaired = {"step_times": [3.0], "step_s": 3.0}
+    assert benchmark.paired_ratio(row, unpaired, "step") == pytest.approx(4 / 3)
+    assert benchmark.paired_ratio(row, {}, "step") is None
 
 
 def synthetic(method: str, **figures) -> dict:
@@ -121,8 +132,8 @@ def synthetic(method: str, **figures) -> dict:
 
 def test_targets_are_decided_from_the_ratios():
     results = [
-        synthetic("linear", step_s=1.0),
-        synthetic("linear_cached", step_s=0.04),
+        synthetic("linear", step_s=1.0, step_times=[1.0, 1.0]),
+        synthetic("linear_cached", step_s=0.04, step_times=[0.03, 0.05]),
         synthetic("lora", step_ratio_vs_floor=1.06),
         synthetic("prompt_tuning", step_ratio_vs_floor=1.2, token_ratio=1.2),
         synthetic("dense_moa", injected_flops=100),
