@@ -1,5 +1,5 @@
 """Honest runs: reruns of finished runs, `--test_only`, `--debug`, settings given in a YAML file, what is
-recorded, optional packages, and folds run as separate jobs. All through the recipes' command line."""
+recorded, optional packages, folds run as separate jobs, and bf16. All through the recipes' command line."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def runs(tmp_path_factory):
         "fold1": esc("--fold=1"),
         "fold2": esc("--fold=2"),
         "fold3_other_lr": esc("--fold=3", "--lr=0.5"),
+        "bf16": recipe_args("GSC", "lora", workspace, root / "b", "--precision=bf16", "--eval_precision=bf16"),
     }
     datasets = ["ESC50" if name.startswith("fold") else "GSC" for name in commands]
     outcomes = run_recipes(list(zip(datasets, commands.values())), root / "report.json")
@@ -141,3 +142,13 @@ def test_folds_run_as_separate_jobs_aggregate_and_refuse_other_settings(runs):
     assert not (root / "k" / "fold3").exists()
     results = json.loads((root / "k" / RESULTS).read_text())
     assert list(results["folds"]) == ["1", "2"] and results["folds_missing"] == ["3", "4", "5"]
+
+
+def test_bf16_trains_and_evaluates_under_autocast(runs):
+    """SpeechBrain's `--precision=bf16 --eval_precision=bf16`: the run "first" makes in fp32, up to bf16 rounding."""
+    outcomes, root = runs
+    ok(outcomes["bf16"])
+    assert "Using training precision: `--precision=bf16`" in (root / "b" / "log.txt").read_text()
+    fp32, bf16 = (json.loads((root / run / FOLD_RESULT).read_text())["test"] for run in ("a", "b"))
+    assert bf16["loss"] != fp32["loss"]  # the forward really ran in bf16 ...
+    assert bf16["loss"] == pytest.approx(fp32["loss"], abs=0.02)  # ... and trained the same model
