@@ -32,11 +32,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .atomic import write_json_atomic, write_text_atomic
+from .commands import method_hparams, recipe_command
 from .data.speech import GSC_COMMAND_WORDS, STAMP, SpeechSynthesisError, make_spoken_gsc, speaker_splits
 from .pretrain import INFO, PretrainSettings, is_complete, pretrain
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-GSC_RECIPE = REPO_ROOT / "recipes" / "GSC"
 DEFAULT_METHODS = ("linear_random_init", "linear", "full_ft", "lora", "conformer_adapter", "soft_moa")
 # Speakers per split and clips per speaker and word (10 words): 400 train, 100 valid, 300 test clips.
 SPEAKERS = {"train": 20, "valid": 10, "test": 30}
@@ -96,24 +95,20 @@ def make_data(paths: DemoPaths, seed: int) -> Path:
     return root
 
 
-def recipe_command(method: str, paths: DemoPaths, data_root: Path, epochs: int) -> list[str]:
+def demo_command(method: str, paths: DemoPaths, data_root: Path, epochs: int) -> list[str]:
     """The GSC recipe's command line for `method` on the demo's data and backbone."""
-    return [
-        sys.executable,
-        str(GSC_RECIPE / "train.py"),
-        str(GSC_RECIPE / "hparams" / f"{method}.yaml"),
-        f"--data_folder={data_root}",
-        f"--output_folder={paths.runs / method}",
-        f"--backbone_source={paths.backbone}",
-        f"--feature_cache_folder={paths.feature_cache(data_root)}",
-        f"--num_classes={len(GSC_COMMAND_WORDS)}",
-        f"--number_of_epochs={epochs}",
-        f"--batch_size={BATCH_SIZE}",
-        "--num_workers=0",
-        "--device=cpu",
-        "--noprogressbar",
-        *METHOD_OPTIONS.get(method, ()),
-    ]
+    settings = {
+        "data_folder": data_root,
+        "output_folder": paths.runs / method,
+        "backbone_source": paths.backbone,
+        "feature_cache_folder": paths.feature_cache(data_root),
+        "num_classes": len(GSC_COMMAND_WORDS),
+        "number_of_epochs": epochs,
+        "batch_size": BATCH_SIZE,
+        "num_workers": 0,
+        "device": "cpu",
+    }
+    return recipe_command("GSC", method, settings, "--noprogressbar", *METHOD_OPTIONS.get(method, ()))
 
 
 def _epochs_logged(train_log: Path) -> int:
@@ -130,7 +125,7 @@ def run_method(method: str, paths: DemoPaths, data_root: Path, epochs: int) -> d
     """
     folder = paths.runs / method
     info_file = folder / RUN_INFO
-    command = recipe_command(method, paths, data_root, epochs)
+    command = demo_command(method, paths, data_root, epochs)
     inputs = inputs_fingerprint(data_root, paths.backbone)
     with tqdm(total=epochs, desc=method, unit="epoch") as bar:
         if info_file.is_file() and (folder / "results.json").is_file():
@@ -232,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="data, speakers and pretraining")
     args = parser.parse_args(argv)
     methods = [method for method in args.methods.split(",") if method]
-    missing = [m for m in methods if not (GSC_RECIPE / "hparams" / f"{m}.yaml").is_file()]
+    missing = [m for m in methods if not method_hparams("GSC", m).is_file()]
     if missing:
         print(
             f"demo: error: --methods: no recipes/GSC/hparams/{missing[0]}.yaml; use the names of that folder",

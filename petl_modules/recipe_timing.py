@@ -27,10 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .commands import recipe_command
 from .data.synthetic import make_gsc
 
-REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "recipes" / "GSC"
 LATER_EPOCHS_SPEEDUP = 20.0  # cached linear probing: (fill + first epoch) / later epoch, at least
 DATA_SHARE = 0.05  # data loading / training stage after the first epoch, below
 STAT = re.compile(r"train (\w+): ([-+.\deE]+|nan|inf)")
@@ -43,23 +42,19 @@ class RecipeTimingError(RuntimeError):
 
 def run_command(method: str, data: Path, output: Path, source: str, options: dict, *extra: str) -> list[str]:
     """The GSC recipe's command line for one timed run."""
-    return [
-        sys.executable,
-        str(RECIPE / "train.py"),
-        str(RECIPE / "hparams" / f"{method}.yaml"),
-        f"--data_folder={data}",
-        f"--output_folder={output}",
-        "--backbone=ast",
-        f"--backbone_source={source}",
-        f"--num_classes={options['words']}",
-        f"--number_of_epochs={options['epochs']}",
-        f"--batch_size={options['batch_size']}",
-        f"--num_workers={options['num_workers']}",
-        f"--device={options['device']}",
-        "--noprogressbar",
-        "--log_timing=True",
-        *extra,
-    ]
+    settings = {
+        "data_folder": data,
+        "output_folder": output,
+        "backbone": "ast",
+        "backbone_source": source,
+        "num_classes": options["words"],
+        "number_of_epochs": options["epochs"],
+        "batch_size": options["batch_size"],
+        "num_workers": options["num_workers"],
+        "device": options["device"],
+        "log_timing": True,
+    }
+    return recipe_command("GSC", method, settings, "--noprogressbar", *extra)
 
 
 def epoch_times(train_log: Path) -> list[dict[str, float]]:

@@ -14,7 +14,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from petl_modules import commands
 from petl_modules.checkpoints import write_random_checkpoint
+from petl_modules.commands import recipe_command
 from petl_modules.data.synthetic import make_esc50, make_fsc, make_gsc, make_iemocap, make_urbansound8k
 from petl_modules.methods import METHOD_FILES
 
@@ -92,25 +94,21 @@ def recipe_args(
     backbone: str = "ast",
     hparams: Path | None = None,
 ) -> list[str]:
-    """The command line of a quick tiny run (1 epoch, batch 4); an option in `extra` replaces the default."""
+    """The arguments after `train.py` of a quick tiny run (1 epoch, batch 4); an option in `extra` replaces the
+    default."""
     _, num_classes, options = DATASETS[dataset]
-    args = [
-        str(hparams or REPO / "recipes" / dataset / "hparams" / f"{method}.yaml"),
-        f"--data_folder={workspace[dataset]}",
-        f"--output_folder={output}",
-        f"--backbone={backbone}",
-        f"--backbone_source={workspace[backbone]}",
-        f"--num_classes={num_classes}",
-        *QUICK_OPTIONS,
-        *options,
-        *extra,
-    ]
-    last = {arg.split("=", 1)[0]: index for index, arg in enumerate(args)}
-    return [arg for index, arg in enumerate(args) if last[arg.split("=", 1)[0]] == index]
+    settings = {
+        "data_folder": workspace[dataset],
+        "output_folder": output,
+        "backbone": backbone,
+        "backbone_source": workspace[backbone],
+        "num_classes": num_classes,
+    }
+    return recipe_command(dataset, method, settings, *QUICK_OPTIONS, *options, *extra, hparams=hparams)[2:]
 
 
 def train_script(dataset: str) -> str:
-    return str(REPO / "recipes" / dataset / "train.py")
+    return str(commands.train_script(dataset))
 
 
 def run_recipe(

@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 from recipe_helpers import METHODS, QUICK_OPTIONS, run_recipes
 
+from petl_modules.commands import recipe_command
 from petl_modules.data import DataPreparationError, read_classes, read_manifest
 from petl_modules.data.audiofolder import make_audiofolder, prepare_audiofolder, stratified_split
 from petl_modules.data.manifest import OPTIONS_FILE
@@ -298,17 +299,12 @@ def expected_test_items(root: Path, layout: str) -> Counter:
     return Counter({f"sound_{c}": expected_count(0.1, N_PER_CLASS) for c in range(LAYOUTS[layout][0]["num_classes"])})
 
 
-def recipe_command(method: str, root: Path, output: Path, checkpoints: dict[str, Path], *extra: str) -> list[str]:
-    """A quick tiny run (1 epoch, batch 4, AST unless `extra` says --backbone=wav2vec2): no --num_classes."""
+def quick_args(method: str, root: Path, output: Path, checkpoints: dict[str, Path], *extra: str) -> list[str]:
+    """A quick tiny run's arguments after `train.py` (1 epoch, batch 4, AST unless `extra` says
+    --backbone=wav2vec2): no --num_classes."""
     backbone = next((arg.split("=", 1)[1] for arg in extra if arg.startswith("--backbone=")), "ast")
-    return [
-        str(RECIPE / "hparams" / f"{method}.yaml"),
-        f"--data_folder={root}",
-        f"--output_folder={output}",
-        f"--backbone_source={checkpoints[backbone]}",
-        *QUICK_OPTIONS,
-        *extra,
-    ]
+    settings = {"data_folder": root, "output_folder": output, "backbone_source": checkpoints[backbone]}
+    return recipe_command("AudioFolder", method, settings, *QUICK_OPTIONS, *extra)[2:]
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +328,7 @@ def recipe_runs(tmp_path_factory, checkpoints) -> dict[str, tuple[Path, Path, di
     runs["missing_folder"] = ("linear", root / "nowhere", [])
     runs["wrong_num_classes"] = ("linear", folders, ["--num_classes=5"])
     commands = [
-        ("AudioFolder", recipe_command(method, data, root / "out" / name, checkpoints, *extra))
+        ("AudioFolder", quick_args(method, data, root / "out" / name, checkpoints, *extra))
         for name, (method, data, extra) in runs.items()
     ]
     outcomes = run_recipes(commands, root / "report.json")
@@ -419,7 +415,7 @@ def test_bad_command_is_one_line(recipe_runs, name, message):
 def test_changed_class_count_under_an_unfinished_run_stops(tmp_path, checkpoints):
     """A run folder resumed after a class was added: its checkpoints have the old head, so it stops, naming both."""
     root = make_layout(tmp_path / "data", "folders")
-    command = [("AudioFolder", recipe_command("linear", root, tmp_path / "out", checkpoints))]
+    command = [("AudioFolder", quick_args("linear", root, tmp_path / "out", checkpoints))]
     assert run_recipes(command, tmp_path / "first.json")[0]["code"] == 0
     (tmp_path / "out" / "fold_result.json").unlink()  # as if stopped before the end
     (root / "sound_9").mkdir()
