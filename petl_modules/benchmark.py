@@ -226,13 +226,14 @@ class Row:
 
     def flops(self) -> dict:
         """One training-mode forward: its FLOPs, those inside the method's modules, the bytes autograd keeps
-        for backward (activation memory, exact and deterministic) and the output token count.
+        for backward beyond the model's own weights (activation memory, exact and deterministic) and the
+        output token count.
         """
         captured = {}
         hook = self.model.backbone.register_forward_hook(lambda _m, _i, out: captured.update(tokens=out[0].shape[1]))
         try:
             with FlopCounterMode(display=False, depth=None) as counter:
-                activation_bytes = saved_activation_bytes(lambda: self.logits(compiled=False))
+                activation_bytes = saved_activation_bytes(lambda: self.logits(compiled=False), self.model)
         finally:
             hook.remove()
         counts = counter.get_flop_counts()
@@ -252,12 +253,20 @@ class Row:
         return 0
 
 
-def saved_activation_bytes(forward) -> int:
-    """Bytes of the distinct tensors autograd saves for backward while `forward()` runs."""
+def saved_activation_bytes(forward, resident: nn.Module | None = None) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while `forward()` runs.
+
+    Storages of `resident`'s parameters and buffers are left out: a frozen weight that autograd keeps for
+    the input's gradient is in memory anyway, so only what the forward adds counts.
+    """
+    tensors = [*resident.parameters(), *resident.buffers()] if resident is not None else []
+    excluded = {tensor.untyped_storage().data_ptr() for tensor in tensors}
     storages = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

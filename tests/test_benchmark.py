@@ -116,6 +116,16 @@ def test_measure_gives_every_row_its_figures_and_ratios(ast_setup):
     assert by_name["prefix_tuning"]["token_ratio"] == pytest.approx((TOKENS + prefix_len) / TOKENS)
 
 
+def test_activation_bytes_leave_out_the_weights_autograd_keeps():
+    # A frozen Linear keeps its weight for the input's gradient (resident anyway); GELU keeps its input.
+    tokens, width, hidden = 5, 4, 6
+    model = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU()).requires_grad_(False)
+    inputs = torch.randn(tokens, width, requires_grad=True)
+    gelu_input = tokens * hidden * 4  # float32
+    assert benchmark.saved_activation_bytes(lambda: model(inputs), model) == gelu_input
+    assert benchmark.saved_activation_bytes(lambda: model(inputs)) == gelu_input + hidden * width * 4
+
+
 def test_time_ratios_pair_the_rounds():
     # Rounds 1-3: the row takes 2, 1 and 3 times the reference; a machine slowdown in round 3 hits both.
     row = {"step_times": [2.0, 4.0, 9.0], "step_s": 4.0}
