@@ -169,6 +169,28 @@ def test_recipe_timing_needs_an_ast_folder(capsys):
     assert benchmark_main(["--recipe_timing", "--backbone_source=x", "--methods=linear"]) == 2
 
 
+def test_recipe_timing_runs_the_three_recipe_runs_it_reports(tmp_path, capsys):
+    """`benchmark --recipe_timing` end to end on a tiny AST: generated GSC data, three real recipe runs."""
+    from petl_modules.checkpoints import write_random_checkpoint
+
+    source = write_random_checkpoint("ast", tmp_path / "ast")
+    out = tmp_path / "timing.json"
+    options = ["--timing_epochs=2", "--timing_words=2", "--timing_clips=2", "--num_workers=0"]
+    argv = ["--recipe_timing", f"--backbone_source={source}", f"--json={out}", f"--workdir={tmp_path / 'work'}"]
+    assert benchmark_main([*argv, *options]) == 0
+    printed = capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert list(report["runs"]) == ["linear_cached", "linear_full", "lora"]
+    assert all(len(run["epochs"]) == 2 for run in report["runs"].values())
+    assert report["runs"]["linear_cached"]["fill_s"] > 0 and report["runs"]["lora"]["fill_s"] is None
+    assert report["files_per_split"] == 4  # 2 words x 2 clips
+    assert "--cache_embeddings=False" in printed.split("linear_full: ", 1)[1].splitlines()[0]
+    results = [
+        json.loads((tmp_path / "work" / "runs" / run / RESULTS).read_text()) for run in ("linear_cached", "lora")
+    ]
+    assert [result["method"] for result in results] == ["linear", "lora"]
+
+
 def test_ddp_two_gloo_processes_train_from_the_cache_as_one_process(tmp_path):
     """torchrun with 2 CPU processes (batch 2 each) from cached embeddings = one process with batch 4: rank 0
     fills the cache, the other rank waits and reads it, and DDP averages the head's gradients."""
