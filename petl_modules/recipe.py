@@ -49,6 +49,7 @@ from speechbrain.utils.seed import seed_everything
 
 from .atomic import write_json_atomic, write_text_atomic
 from .backbones import ASTBackbone, BackboneLoadError
+from .commands import REPO_ROOT
 from .data import (
     CLASSES_FILE,
     AudioError,
@@ -71,7 +72,6 @@ HYPERPARAMS = "hyperparams.yaml"
 MANIFESTS = "manifests"
 FEATURE_CACHE = "feature_cache"
 DEBUG_FOLDER = "debug"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class RecipeError(ValueError):

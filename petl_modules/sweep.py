@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from petl_modules.commands import RECIPES, REPO_ROOT
 from petl_modules.hparams_loader import HparamsError, compose
 from petl_modules.report import ReportError, write_report
 
@@ -50,7 +51,6 @@ __all__ = [
     "recipes",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = "results.json"
 SWEEP_LOG = "sweep.log"
 REPORT_FOLDER = "report"
@@ -88,13 +88,13 @@ class SweepRun:
 
 def recipes() -> list[str]:
     """The recipe folders of this checkout (those with a train.py)."""
-    return sorted(path.parent.name for path in (REPO_ROOT / "recipes").glob("*/train.py"))
+    return sorted(path.parent.name for path in RECIPES.glob("*/train.py"))
 
 
 def method_files(dataset: str) -> list[str]:
     """The method names (file stems) of a recipe: its hparams files whose composed keys hold `method_name`."""
     methods = []
-    for path in sorted((REPO_ROOT / "recipes" / dataset / "hparams").glob("*.yaml")):
+    for path in sorted((RECIPES / dataset / "hparams").glob("*.yaml")):
         try:
             if "method_name" in compose(path):
                 methods.append(path.stem)
