@@ -1,18 +1,24 @@
 """Backbones with random weights saved in Hugging Face format: for tests, the demo and parameter counts.
 
 `base` is the papers' size (the hub checkpoints' configs); `tiny` is a few-layer model for CPU tests.
-The folders load exactly like a downloaded checkpoint (`--backbone_source=DIR`).
+The folders load exactly like a downloaded checkpoint (`--backbone_source=DIR`). Each file appears whole
+(built in a staging folder beside the folder, then renamed into place) with the mode the umask gives
+(0666 less the umask; a new folder 0777 less the umask), so a backbone in a shared folder is readable by all
+the umask allows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import ASTConfig, ASTModel, HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model
 
+from .atomic import follow_umask, staging_folder, write_text_atomic
 from .backbones.ast import AUDIOSET_MEAN, AUDIOSET_STD
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
@@ -52,7 +58,12 @@ def ast_preprocessor_config(config, mean: float = AUDIOSET_MEAN, std: float = AU
 
 
 def write_random_checkpoint(kind: str, folder: str | Path, size: str = "tiny", seed: int = 0, **overrides) -> Path:
-    """Save a randomly initialised `kind` backbone (and its preprocessor config) to `folder`."""
+    """Save a randomly initialised `kind` backbone (and its preprocessor config) to `folder`; returns `folder`.
+
+    Invariants: an absent `folder` appears whole (one rename of its staging folder); in an existing one each
+    written file replaces its namesake atomically and other files stay. Files get 0666 & ~umask, a new
+    folder 0777 & ~umask (transformers writes model.safetensors 0600). A failed write leaves no staging folder.
+    """
     folder = Path(folder)
     torch.manual_seed(seed)
     config = backbone_config(kind, size, **overrides)
@@ -63,13 +74,25 @@ def write_random_checkpoint(kind: str, folder: str | Path, size: str = "tiny", s
             model.embeddings.position_embeddings.normal_(std=0.02)
             model.embeddings.cls_token.normal_(std=0.02)
             model.embeddings.distillation_token.normal_(std=0.02)
-    model.save_pretrained(folder)
     preprocessor = (
         ast_preprocessor_config(config)
         if kind == "ast"
         else {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "do_normalize": True, "sampling_rate": 16000}
     )
-    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    staging = staging_folder(folder)
+    try:
+        model.save_pretrained(staging)
+        write_text_atomic(staging / "preprocessor_config.json", json.dumps(preprocessor, indent=2))
+        follow_umask(staging)
+        if folder.is_dir():
+            for entry in staging.iterdir():
+                os.replace(entry, folder / entry.name)
+            staging.rmdir()
+        else:
+            os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return folder
 
 

@@ -3,7 +3,8 @@
     python -m petl_modules.export --run DIR --out DIR [--format speechbrain|peft] [--merge] [--backbone_source=X]
 
 `--run` is a recipe run folder or an output folder holding one run (its selected checkpoint). The export
-folder (written beside `--out` and renamed into place: it appears whole or not at all) holds
+folder (written beside `--out` and renamed into place: it appears whole or not at all; its files and folders
+have the modes the umask gives, 0666 and 0777 less the umask, so colleagues read it as the umask allows) holds
 
 - `trained.safetensors`: the trainable tensors alone (method, final LayerNorm, head, BatchNorm statistics),
   so its size follows the method (LoRA on AST-base: about 1.8 MB), never the frozen backbone's;
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_json_atomic
+from .atomic import follow_umask, staging_folder, write_json_atomic
 from .backbones import DEFAULT_AST_SOURCE, DEFAULT_WAV2VEC2_SOURCE, ASTBackbone, BackboneLoadError
 from .hparams_loader import HparamsError
 from .inference import TRAINED_FILE, AudioClassifier, save_trainable, write_inference_folder
@@ -123,11 +124,15 @@ def unwrap_lora(module: torch.nn.Module) -> dict[str, LoRALinear]:
 
 
 def write_merged_backbone(model: PETLModel, folder: Path) -> None:
-    """LoRA folded into the weights; the backbone saved as a Hugging Face folder with its preprocessor config."""
+    """LoRA folded into the weights; the backbone saved as a Hugging Face folder with its preprocessor config.
+
+    Its files have mode 0666 & ~umask and the folder 0777 & ~umask (not transformers' private 0600 files).
+    """
     backbone = model.backbone
     model.merge_lora()
     unwrap_lora(backbone.model)
     backbone.model.save_pretrained(folder)
+    follow_umask(folder)  # transformers writes model.safetensors 0600
     if isinstance(backbone, ASTBackbone):
         settings = backbone.front_end.settings()
         preprocessor = {
@@ -162,7 +167,10 @@ def original_max_length(source: str) -> int | None:
 
 
 def write_peft_adapter(model: PETLModel, folder: Path, source: str) -> dict:
-    """PEFT's LoRA adapter of the backbone (and the trained tensors it holds besides); returns how to load it."""
+    """PEFT's LoRA adapter of the backbone (and the trained tensors it holds besides); returns how to load it.
+
+    Its files in `folder` have mode 0666 & ~umask (not safetensors' private 0600).
+    """
     import peft
 
     backbone = model.backbone
@@ -202,7 +210,7 @@ def write_peft_adapter(model: PETLModel, folder: Path, source: str) -> dict:
     with tempfile.TemporaryDirectory(dir=folder) as staging:  # PEFT also writes a model card: keep its two files
         peft_model.save_pretrained(staging)
         for name in PEFT_FILES:
-            os.replace(Path(staging) / name, folder / name)
+            os.replace(follow_umask(Path(staging) / name), folder / name)  # safetensors writes 0600
     return {
         "base_model": source,
         "base_model_class": type(backbone.model).__name__,
@@ -225,7 +233,11 @@ def _check_out(out: Path) -> None:
 def export(
     run: str | Path, out: str | Path, format: str = "speechbrain", merge: bool = False, overrides: dict | None = None
 ) -> dict:
-    """Write the export folder `out` from the run in `run`; returns the content of its export.json."""
+    """Write the export folder `out` from the run in `run`; returns the content of its export.json.
+
+    Invariants: `out` appears whole or not at all (built in a staging folder beside it, removed on failure);
+    every file in it has mode 0666 & ~umask and every folder 0777 & ~umask.
+    """
     if format not in FORMATS:
         raise InferenceError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
     if merge and format == "peft":
@@ -243,7 +255,7 @@ def export(
     )
     model: PETLModel = classifier.mods.model
     hparams = classifier.hparams
-    method = str(tree.get("method_name", model.method.name))
+    method = model.method.display_name
     lora = lora_summary(model)
     if (merge or format == "peft") and lora is None:
         option = "--merge" if merge else "--format peft"
@@ -277,8 +289,7 @@ def export(
             "git_revision": trained.git_revision,
         },
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    staging = staging_folder(out)  # 0777 & ~umask, as `out` will be
     try:
         header = f"# Inference hyperparameters of {trained.folder} (python -m petl_modules.export).\n"
         if merge:

@@ -8,8 +8,9 @@ is a Hugging Face folder (`config.json`, `model.safetensors`, `preprocessor_conf
 mean and std of the pretraining data) that `--backbone_source` loads like the hub checkpoint, plus
 `pretraining.json` (settings and final training accuracy), written last.
 
-Invariants: the folder appears whole (built beside it, then renamed); a folder whose `pretraining.json`
-holds the same settings is reused, not retrained; same settings and seed, same weights (CPU).
+Invariants: the folder appears whole (built beside it, then renamed), its files with mode 0666 and the
+folder 0777, less the umask; a folder whose `pretraining.json` holds the same settings is reused, not
+retrained; same settings and seed, same weights (CPU).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from transformers import ASTConfig, ASTModel
 from transformers.utils import logging as hf_logging
 
-from .atomic import write_json_atomic
+from .atomic import follow_umask, staging_folder, write_json_atomic
 from .backbones import build_backbone
 from .backbones.ast import FbankFrontEnd, SpecAugment
 from .checkpoints import ast_preprocessor_config, write_random_checkpoint
@@ -168,22 +169,26 @@ def _pretrain(folder: Path, settings: PretrainSettings, progress: bool) -> Path:
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.2f}", train_acc=f"{correct / seen:.2f}")
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    model.ast.save_pretrained(building)
-    write_json_atomic(building / "preprocessor_config.json", ast_preprocessor_config(model.ast.config, mean, std))
-    info = {
-        "settings": asdict(settings),
-        "clips": clip_settings(),
-        "words": list(PRETRAIN_WORDS[: settings.num_words]),
-        "items": len(labels),
-        "last_epoch_train_accuracy": correct / max(1, seen),
-        "parameters": sum(p.numel() for p in model.ast.parameters()),
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    write_json_atomic(building / INFO, info)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(building, folder)
+    building = staging_folder(folder)
+    try:
+        model.ast.save_pretrained(building)
+        follow_umask(building)  # transformers writes model.safetensors 0600
+        write_json_atomic(building / "preprocessor_config.json", ast_preprocessor_config(model.ast.config, mean, std))
+        info = {
+            "settings": asdict(settings),
+            "clips": clip_settings(),
+            "words": list(PRETRAIN_WORDS[: settings.num_words]),
+            "items": len(labels),
+            "last_epoch_train_accuracy": correct / max(1, seen),
+            "parameters": sum(p.numel() for p in model.ast.parameters()),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        write_json_atomic(building / INFO, info)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(building, folder)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
     return folder
 
 
