@@ -5,18 +5,28 @@
 writes into DIR:
 
 - `report.md`: a dataset x method table of test accuracy (mean +- std), a detailed table (trainable
-  parameters and %, run and fold counts, IEMOCAP's unweighted accuracy), the few-shot table, and links to
+  parameters and %, run and fold counts, IEMOCAP's unweighted accuracy), the few-shot table, the runs used,
+  the files left out and why, and links to
 - `accuracy_vs_params.png`: the papers' main figure, test accuracy against trainable parameters (log axis),
-  one panel per dataset, one labelled point per method (and backbone), error bars = std;
+  one panel per dataset, one labelled point per row (method, backbone and settings), error bars = std;
 - `few_shot.png`: accuracy against K training items per class, one panel per dataset (when few-shot runs exist);
 - `curves/<dataset>_<method>_<backbone>_seed<s>[_fewshot<K>].png`: per run, losses and validation accuracy per
   epoch from each fold's `train_log.txt`;
 - `confusion/<same name>.png`: per run, the test confusion matrix summed over its folds, with class names.
 
-A group is (dataset, backbone, method, few-shot K). Its mean and population std pool the test metric of every
-fold of every seed (run); `runs` counts results.json files, `folds` the fold results pooled. Runs recorded with
-`--debug` are left out; runs with missing folds are used with what they have and marked with a dagger.
-Everything is read from the files; nothing is recomputed.
+A row (:class:`Group`) is one experiment: dataset, backbone, method (results.json's `method`, what was trained)
+and every setting that defines a run (the results' `settings` less :data:`NON_DEFINING_SETTINGS`, with the
+top-level `backbone_source`, `few_shot_samples` and `number_of_epochs`). Runs are in one row only when all
+of these are equal; the seed is the replicate axis, so runs that differ only in seed are one row, and a seed
+is counted once (of several results.json with the same row and seed the most recently written is used, the
+others are listed as duplicates). When a dataset, backbone and method have several rows, each row's label
+names the settings in which those rows differ (`adapter (number_of_epochs=20, num_adapters=4)`).
+
+A row's mean and population std pool the test metric of every fold of every seed (run); `runs` counts
+seeds, `folds` the fold results pooled. Left out of every table and figure, one log line each saying why:
+runs recorded with `--debug`, untrained runs (a fold whose `epoch` is null: zero epochs or never validated),
+results without fold results or without a method, and duplicate seeds. Runs with missing folds are used with
+what they have and marked with a dagger. Everything is read from the files; nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -38,9 +48,12 @@ from petl_modules.methods import METHOD_FILES
 
 __all__ = [
     "METHOD_ORDER",
+    "NON_DEFINING_SETTINGS",
     "Group",
+    "LeftOut",
     "ReportError",
     "Run",
+    "drop_duplicates",
     "find_runs",
     "group_runs",
     "main",
@@ -59,10 +72,51 @@ FEW_SHOT_FIGURE = "few_shot.png"
 # Table order: the papers' (others follow alphabetically).
 METHOD_ORDER = METHOD_FILES
 _REQUIRED = ("dataset", "method", "folds", "parameters")
+# Settings that do NOT define a run; every other key of results.json's `settings` does (two runs differing in
+# one of them are two rows). These differ between runs of one experiment without changing what is trained or
+# measured:
+# - folders and paths of the run or the machine: where outputs, checkpoints, logs, data and caches live;
+# - performance and logging knobs, which give the same numbers: loader workers, timing logs, TensorBoard and
+#   Weights & Biases, the feature and embedding caches;
+# - `fold`: every fold is part of one run; `seed`: the replicate axis (runs differing only in seed are one
+#   row); `method_name`: a free-text label (the method is results.json's `method`, what was trained).
+# `backbone_source` is NOT here: another checkpoint is another model.
+NON_DEFINING_SETTINGS = frozenset(
+    {
+        "output_folder",
+        "save_folder",
+        "train_log",
+        "data_folder",
+        "feature_cache_folder",
+        "num_workers",
+        "log_timing",
+        "use_tensorboard",
+        "use_wandb",
+        "wandb_project",
+        "cache_features",
+        "cache_embeddings",
+        "fold",
+        "seed",
+        "method_name",
+    }
+)
+# Top-level results.json fields that define a run (the recipe copies them from the settings).
+_TOP_LEVEL_SETTINGS = ("backbone_source", "few_shot_samples", "number_of_epochs")
+# A setting one row has and another of the same dataset, backbone and method lacks (shown as `unset`).
+_UNSET = object()
 
 
 class ReportError(ValueError):
     """The report cannot be made (no results, no matplotlib...); the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A results.json kept out of every table and figure: `kind` (debug, untrained, duplicate...) and why."""
+
+    path: Path
+    kind: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -78,15 +132,36 @@ class Run:
 
     @property
     def key(self) -> tuple[str, str, str, int | None]:
-        """The group this run pools into: (dataset, backbone, method, few-shot K)."""
+        """(dataset, backbone, method, few-shot K): what the run's figure names say."""
         r = self.results
         return (str(r["dataset"]), str(r.get("backbone") or "ast"), str(r["method"]), r.get("few_shot_samples"))
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings that define the run: `settings` less NON_DEFINING_SETTINGS, plus the top-level ones.
+
+        Never `method_name` (the method is `results["method"]`) nor the seed (the replicate axis).
+        """
+        recorded = self.results.get("settings")
+        settings = dict(recorded) if isinstance(recorded, dict) else {}
+        settings.update((key, self.results[key]) for key in _TOP_LEVEL_SETTINGS if key in self.results)
+        settings["backbone"] = self.key[1]
+        return {key: value for key, value in settings.items() if key not in NON_DEFINING_SETTINGS}
+
+    @property
+    def row_key(self) -> tuple:
+        """The row this run belongs to: equal exactly when dataset, backbone, method and settings are equal."""
+        return (*self.key, json.dumps(self.settings, sort_keys=True, default=str))
+
+    @property
+    def seed(self) -> Any:
+        return self.results.get("seed")
 
     @property
     def name(self) -> str:
         """`<dataset>_<method>_<backbone>_seed<s>[_fewshot<K>]`, the file name of its figures."""
         dataset, backbone, method, shots = self.key
-        name = f"{dataset}_{method}_{backbone}_seed{self.results.get('seed')}"
+        name = f"{dataset}_{method}_{backbone}_seed{self.seed}"
         return name + (f"_fewshot{shots}" if shots is not None else "")
 
     @property
@@ -110,15 +185,51 @@ class Run:
         return self.folder if fold_key == "official" else self.folder / f"fold{fold_key}"
 
 
+def _format_value(value: Any) -> str:
+    """A setting as a command line would give it: strings bare, the rest as JSON (`true`, `null`, `0.005`)."""
+    if value is _UNSET:
+        return "unset"
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _value_rank(value: Any) -> tuple[int, float | str]:
+    """Order of setting values within a method's rows: numbers by value, then text, then unset."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value))
+    return (2, "") if value is _UNSET else (1, _format_value(value))
+
+
 @dataclass
 class Group:
-    """The runs of one (dataset, backbone, method, few-shot K), pooled over seeds and folds."""
+    """One row: the runs of one dataset, backbone, method, few-shot K and settings, pooled over seeds and folds.
+
+    `settings` are the row's defining settings (equal for all its runs); `shown` names those that differ from
+    other rows of the same dataset, backbone and method (empty when it is the only one), which its label says.
+    Every run has its own seed.
+    """
 
     dataset: str
     backbone: str
     method: str
     few_shot: int | None
+    settings: dict[str, Any] = field(default_factory=dict)
+    shown: tuple[str, ...] = ()
     runs: list[Run] = field(default_factory=list)
+
+    @property
+    def setting_text(self) -> str:
+        """`number_of_epochs=20, num_adapters=4`: the settings in which this row differs from its siblings."""
+        return ", ".join(f"{key}={_format_value(self.settings.get(key, _UNSET))}" for key in self.shown)
+
+    @property
+    def label(self) -> str:
+        """The row's name in tables: the method, with the settings that tell it from its siblings."""
+        return f"{self.method} ({self.setting_text})" if self.shown else self.method
+
+    @property
+    def order(self) -> tuple:
+        """Rank among the rows of one dataset, backbone and K: papers' method order, then setting values."""
+        return (_method_rank(self.method), tuple(_value_rank(self.settings.get(key, _UNSET)) for key in self.shown))
 
     def stats(self, metric: str, split: str = "test") -> tuple[float, float, int] | None:
         """(mean, population std, count) of the metric over every fold of every run; None when absent."""
@@ -127,14 +238,24 @@ class Group:
             return None
         return statistics.fmean(values), statistics.pstdev(values), len(values)
 
+    def _parameter(self, name: str) -> list:
+        """The distinct recorded values of a `parameters` entry over the row's runs, in run order."""
+        values = [run.results["parameters"].get(name) for run in self.runs if run.results["parameters"]]
+        return list(dict.fromkeys(value for value in values if value is not None))
+
     @property
     def trainable(self) -> int | None:
-        counts = [run.results["parameters"].get("trainable") for run in self.runs if run.results["parameters"]]
+        counts = self._parameter("trainable")
         return counts[0] if counts else None
 
     @property
+    def trainable_counts(self) -> list[int]:
+        """Every distinct trainable count of the row's runs (one, unless the code changed between runs)."""
+        return self._parameter("trainable")
+
+    @property
     def trainable_percent(self) -> float | None:
-        counts = [run.results["parameters"].get("trainable_percent") for run in self.runs if run.results["parameters"]]
+        counts = self._parameter("trainable_percent")
         return counts[0] if counts else None
 
     @property
@@ -142,12 +263,34 @@ class Group:
         return any(run.partial for run in self.runs)
 
 
-def find_runs(roots: Iterable[str | Path]) -> tuple[list[Run], list[Path]]:
-    """Every non-debug `results.json` below `roots` (each file once), and the debug ones left out.
+def _left_out(path: Path, kind: str, reason: str) -> LeftOut:
+    """Record and log (one line) a results.json that no table or figure uses."""
+    logger.warning("report: left out %s: %s", path, reason)
+    return LeftOut(path, kind, reason)
 
-    A missing root or a file that is not a recipe's results stops with a one-line ReportError.
+
+def _why_untrained(results: dict[str, Any]) -> str | None:
+    """Why a run's model is not a trained one (no folds, a fold never validated), or None when it is."""
+    folds = results["folds"]
+    if not isinstance(folds, dict) or not folds:
+        return "no fold results; finish a fold of its recipe"
+    unvalidated = [key for key, fold in folds.items() if not isinstance(fold, dict) or fold.get("epoch") is None]
+    if unvalidated:
+        return (
+            f"untrained: fold {', '.join(unvalidated)} has no selected epoch (zero epochs or never validated); "
+            "rerun its recipe with --number_of_epochs of at least 1"
+        )
+    return None
+
+
+def find_runs(roots: Iterable[str | Path]) -> tuple[list[Run], list[LeftOut]]:
+    """Every usable `results.json` below `roots` (each file once), and those left out with the reason.
+
+    Left out, each with one log line: debug runs, untrained runs (a fold whose `epoch` is null), results
+    without folds or without a method. A missing root or a file that is not a recipe's results stops with a
+    one-line ReportError. Duplicate seeds are kept here; :func:`drop_duplicates` removes them.
     """
-    runs, debug, seen = [], [], set()
+    runs, left_out, seen = [], [], set()
     for root in roots:
         root = Path(root)
         if not root.is_dir():
@@ -163,25 +306,87 @@ def find_runs(roots: Iterable[str | Path]) -> tuple[list[Run], list[Path]]:
             missing = [key for key in _REQUIRED if not isinstance(results, dict) or key not in results]
             if missing:
                 raise ReportError(f"{path}: not a recipe's results.json (no {', '.join(missing)}); move it away")
+            untrained = _why_untrained(results)
             if results.get("debug"):
-                debug.append(path)
-            elif results["folds"]:
+                left_out.append(_left_out(path, "debug", "recorded with --debug; rerun without --debug"))
+            elif untrained:
+                left_out.append(_left_out(path, "untrained", untrained))
+            elif not results["method"]:
+                left_out.append(_left_out(path, "no method", "no method recorded; rerun its recipe"))
+            else:
                 runs.append(Run(path, results))
-    return runs, debug
+    return runs, left_out
+
+
+def _written(run: Run) -> tuple[int, str]:
+    """When a run's results.json was written (then its path), for choosing among duplicates."""
+    try:
+        return run.path.stat().st_mtime_ns, str(run.path)
+    except OSError:
+        return 0, str(run.path)
+
+
+def drop_duplicates(runs: Iterable[Run]) -> tuple[list[Run], list[LeftOut]]:
+    """Each seed of each row once: of runs with the same row (:attr:`Run.row_key`) and seed, the most recently
+    written results.json (ties: the last path) is kept; the others are returned as left out, one log line each.
+
+    The kept runs stay in their given order.
+    """
+    runs = list(runs)
+    newest: dict[tuple, Run] = {}
+    for run in runs:
+        replicate = (run.row_key, json.dumps(run.seed, default=str))
+        if replicate not in newest or _written(run) > _written(newest[replicate]):
+            newest[replicate] = run
+    kept_paths = {run.path for run in newest.values()}
+    left_out = []
+    for run in runs:
+        if run.path not in kept_paths:
+            kept = newest[(run.row_key, json.dumps(run.seed, default=str))]
+            reason = f"duplicate: same settings and seed {run.seed} as {kept.path}, which is newer; a seed counts once"
+            left_out.append(_left_out(run.path, "duplicate", reason))
+    return [run for run in runs if run.path in kept_paths], left_out
 
 
 def _method_rank(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
+def _comparable(settings: dict[str, Any], key: str) -> tuple[bool, str]:
+    """A setting as :attr:`Run.row_key` compares it: present or not, and its JSON text."""
+    return key in settings, json.dumps(settings.get(key), sort_keys=True, default=str)
+
+
+def _mark_differences(groups: Iterable[Group]) -> None:
+    """Set each row's `shown`: the settings that differ between the rows of its dataset, backbone and method.
+
+    Full-data rows and few-shot rows are compared apart (they are separate tables); K itself is a column of
+    the few-shot table, so `few_shot_samples` is never shown.
+    """
+    siblings: dict[tuple, list[Group]] = defaultdict(list)
+    for group in groups:
+        siblings[(group.dataset, group.backbone, group.method, group.few_shot is None)].append(group)
+    for rows in siblings.values():
+        names = sorted({key for row in rows for key in row.settings} - {"few_shot_samples"})
+        shown = tuple(key for key in names if len({_comparable(row.settings, key) for row in rows}) > 1)
+        for row in rows:
+            row.shown = shown
+
+
 def group_runs(runs: Iterable[Run]) -> list[Group]:
-    """Runs pooled by (dataset, backbone, method, K), ordered by dataset, backbone, K, papers' method order."""
+    """One row per (dataset, backbone, method, K, defining settings), each seed once (:func:`drop_duplicates`).
+
+    Ordered by dataset, backbone, K, papers' method order, then the values of the settings the rows show.
+    """
     groups: dict[tuple, Group] = {}
-    for run in runs:
-        groups.setdefault(run.key, Group(*run.key)).runs.append(run)
+    for run in drop_duplicates(runs)[0]:
+        if run.row_key not in groups:
+            groups[run.row_key] = Group(*run.key, settings=run.settings)
+        groups[run.row_key].runs.append(run)
+    _mark_differences(groups.values())
     return sorted(
         groups.values(),
-        key=lambda g: (g.dataset, g.backbone, g.few_shot is not None, g.few_shot or 0, _method_rank(g.method)),
+        key=lambda g: (g.dataset, g.backbone, g.few_shot is not None, g.few_shot or 0, g.order),
     )
 
 
@@ -254,9 +459,11 @@ def _panels(count: int, width: float = 4.8, height: float = 3.8):
     return fig, list(axes.flat[:count])
 
 
-def _label(method: str, backbone: str, backbones: set[str]) -> str:
-    """The method's name, with its backbone when the figure shows several."""
-    return method if len(backbones) == 1 else f"{method} ({backbone})"
+def _label(group: Group, backbones: set[str]) -> str:
+    """The row's name: its method, with its backbone when the figure shows several, and its shown settings."""
+    if len(backbones) == 1:
+        return group.label
+    return f"{group.method} ({'; '.join(filter(None, (group.backbone, group.setting_text)))})"
 
 
 def _compact(count: float) -> str:
@@ -268,7 +475,7 @@ def _compact(count: float) -> str:
 
 
 def plot_accuracy_vs_params(groups: Sequence[Group], path: Path) -> None:
-    """Test accuracy (%) against trainable parameters, log x axis, a panel per dataset, a point per method."""
+    """Test accuracy (%) against trainable parameters, log x axis, a panel per dataset, a point per row."""
     datasets = sorted({g.dataset for g in groups})
     backbones = {g.backbone for g in groups}
     markers = {backbone: marker for backbone, marker in zip(sorted(backbones), "osD^v")}
@@ -281,7 +488,7 @@ def plot_accuracy_vs_params(groups: Sequence[Group], path: Path) -> None:
             mean, std, _ = stats
             ax.errorbar(group.trainable, 100 * mean, yerr=100 * std, marker=markers[group.backbone], capsize=3)
             ax.annotate(
-                _label(group.method, group.backbone, backbones),
+                _label(group, backbones),
                 (group.trainable, 100 * mean),
                 textcoords="offset points",
                 xytext=(4, 4),
@@ -299,19 +506,22 @@ def plot_accuracy_vs_params(groups: Sequence[Group], path: Path) -> None:
 
 
 def plot_few_shot(groups: Sequence[Group], path: Path) -> None:
-    """Test accuracy (%) against K training items per class, a panel per dataset, a line per method."""
+    """Test accuracy (%) against K training items per class, a panel per dataset, a line per row label."""
     datasets = sorted({g.dataset for g in groups})
     backbones = {g.backbone for g in groups}
     fig, axes = _panels(len(datasets))
     for ax, dataset in zip(axes, datasets):
-        lines: dict[tuple[str, str], list[tuple[int, float, float]]] = defaultdict(list)
+        lines: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+        ranks: dict[str, tuple] = {}
         for group in (g for g in groups if g.dataset == dataset):
             stats = group.stats("accuracy")
             if stats is not None:
-                lines[(group.method, group.backbone)].append((group.few_shot, 100 * stats[0], 100 * stats[1]))
-        for (method, backbone), points in sorted(lines.items(), key=lambda item: _method_rank(item[0][0])):
+                label = _label(group, backbones)
+                lines[label].append((group.few_shot, 100 * stats[0], 100 * stats[1]))
+                ranks.setdefault(label, (group.backbone, group.order))
+        for label, points in sorted(lines.items(), key=lambda item: ranks[item[0]]):
             shots, means, stds = zip(*sorted(points))
-            ax.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=_label(method, backbone, backbones))
+            ax.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=label)
         ax.set_xscale("log", base=2)
         shots = sorted({g.few_shot for g in groups if g.dataset == dataset})
         ax.set_xticks(shots, [str(k) for k in shots])
@@ -410,18 +620,28 @@ def _cell(stats: tuple[float, float, int] | None, partial: bool = False) -> str:
     return f"{100 * stats[0]:.2f} ± {100 * stats[1]:.2f}" + (" †" if partial else "")
 
 
+def _md(text: str) -> str:
+    """Text for a markdown table cell (a `|` in a setting would end the cell)."""
+    return text.replace("|", "\\|")
+
+
 def _main_tables(groups: Sequence[Group]) -> list[str]:
-    """Per backbone, a method x dataset table of test accuracy (full training data only)."""
+    """Per backbone, a row label x dataset table of test accuracy (full training data only).
+
+    A label is the method, with the settings that tell its rows apart on a dataset where it has several.
+    """
     lines = []
     for backbone in sorted({g.backbone for g in groups}):
         chosen = [g for g in groups if g.backbone == backbone]
         datasets = sorted({g.dataset for g in chosen})
-        methods = sorted({g.method for g in chosen}, key=_method_rank)
-        cells = {(g.method, g.dataset): _cell(g.stats("accuracy"), g.partial) for g in chosen}
+        ranks: dict[str, tuple] = {}
+        for g in chosen:
+            ranks[g.label] = min(ranks.get(g.label, g.order), g.order)
+        cells = {(g.label, g.dataset): _cell(g.stats("accuracy"), g.partial) for g in chosen}
         lines += [f"### {backbone}", "", "| method | " + " | ".join(datasets) + " |"]
         lines.append("|---" * (len(datasets) + 1) + "|")
-        for method in methods:
-            lines.append(f"| {method} | " + " | ".join(cells.get((method, d), "-") for d in datasets) + " |")
+        for label in sorted(ranks, key=lambda label: (ranks[label], label)):
+            lines.append(f"| {_md(label)} | " + " | ".join(cells.get((label, d), "-") for d in datasets) + " |")
         lines.append("")
     return lines
 
@@ -434,13 +654,13 @@ def _detail_table(groups: Sequence[Group]) -> list[str]:
     header += ["valid accuracy (%)", "trainable params", "trainable %", "runs", "folds"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for g in groups:
-        row = [g.dataset, g.backbone, g.method] + [str(g.few_shot)] * few_shot
+        row = [g.dataset, g.backbone, _md(g.label)] + [str(g.few_shot)] * few_shot
         row += [_cell(g.stats("accuracy"), g.partial)]
         row += [_cell(g.stats("unweighted_accuracy"))] * unweighted
         test = g.stats("accuracy")
         row += [
             _cell(g.stats("accuracy", "valid")),
-            f"{g.trainable:,}" if g.trainable is not None else "-",
+            " / ".join(f"{count:,}" for count in g.trainable_counts) or "-",
             f"{g.trainable_percent:.3f}" if g.trainable_percent is not None else "-",
             str(len(g.runs)),
             str(test[2] if test else 0),
@@ -451,8 +671,12 @@ def _detail_table(groups: Sequence[Group]) -> list[str]:
 
 def _few_shot_table(groups: Sequence[Group]) -> list[str]:
     shots = sorted({g.few_shot for g in groups})
-    cells = {(g.dataset, g.backbone, g.method, g.few_shot): _cell(g.stats("accuracy"), g.partial) for g in groups}
-    rows = sorted({(g.dataset, g.backbone, g.method) for g in groups}, key=lambda r: (r[0], r[1], _method_rank(r[2])))
+    cells = {(g.dataset, g.backbone, _md(g.label), g.few_shot): _cell(g.stats("accuracy"), g.partial) for g in groups}
+    ranks: dict[tuple[str, str, str], tuple] = {}
+    for g in groups:
+        row = (g.dataset, g.backbone, _md(g.label))
+        ranks[row] = min(ranks.get(row, g.order), g.order)
+    rows = sorted(ranks, key=lambda r: (r[0], r[1], ranks[r], r[2]))
     lines = ["| dataset | backbone | method | " + " | ".join(f"K={k}" for k in shots) + " |"]
     lines.append("|---" * (len(shots) + 3) + "|")
     for row in rows:
@@ -469,12 +693,29 @@ def _unique_names(runs: Sequence[Run]) -> dict[Path, str]:
     return names
 
 
+def _left_out_summary(left_out: Sequence[LeftOut]) -> str:
+    """`1 debug, 2 untrained, 1 duplicate`: how many files each reason kept out."""
+    counts: dict[str, int] = defaultdict(int)
+    for item in left_out:
+        counts[item.kind] += 1
+    return ", ".join(f"{count} {kind}" for kind, count in counts.items())
+
+
 def write_report(roots: Sequence[str | Path], out: str | Path) -> Path:
-    """Find the runs below `roots`, write report.md and the figures into `out`; returns report.md's path."""
-    runs, debug = find_runs(roots)
+    """Find the runs below `roots`, write report.md and the figures into `out`; returns report.md's path.
+
+    Only runs that :func:`find_runs` accepts and :func:`drop_duplicates` keeps reach a table or figure; the
+    others are listed under "Left out" with the reason (and logged, one line each).
+    """
+    found, left_out = find_runs(roots)
+    runs, duplicates = drop_duplicates(found)
+    left_out += duplicates
     if not runs:
         where = ", ".join(str(root) for root in roots)
-        raise ReportError(f"no finished recipe results.json below {where} (debug runs are left out); run a recipe")
+        raise ReportError(
+            f"no finished recipe results.json below {where} (debug, untrained and duplicate runs are left out); "
+            "run a recipe"
+        )
     out = Path(out)
     groups = group_runs(runs)
     full = [g for g in groups if g.few_shot is None]
@@ -483,7 +724,9 @@ def write_report(roots: Sequence[str | Path], out: str | Path) -> Path:
         "# Results",
         "",
         f"{len(runs)} run(s) (results.json) found below {', '.join(f'`{root}`' for root in roots)}"
-        + (f"; {len(debug)} debug run(s) left out." if debug else "."),
+        + (f"; left out: {_left_out_summary(left_out)} (see *Left out*)." if left_out else "."),
+        "A row is one dataset, backbone, method and settings: runs differ only in seed, and each seed counts once.",
+        "Where a method has several rows for a dataset, its label names the settings in which they differ.",
         "Accuracies in %, mean ± population std over every fold of every seed; `runs` counts seeds (results.json),",
         "`folds` the fold results pooled. † = some folds of a run are missing (partial).",
         "",
@@ -496,7 +739,9 @@ def write_report(roots: Sequence[str | Path], out: str | Path) -> Path:
         plot_few_shot(few, out / FEW_SHOT_FIGURE)
         lines += ["## Few-shot (test accuracy, K training items per class)", "", *_few_shot_table(few)]
         lines += [f"![few-shot accuracy]({FEW_SHOT_FIGURE})", "", "### Details", "", *_detail_table(few)]
-    lines += ["## Runs", "", "| run | folds | missing | curves | confusion | results |", "|---|---|---|---|---|---|"]
+    rows = {run.path: _md(g.label) for g in groups for run in g.runs}
+    lines += ["## Runs", "", "| run | row | folds | missing | curves | confusion | results |"]
+    lines.append("|---|---|---|---|---|---|---|")
     names = _unique_names(runs)
     for run in sorted(runs, key=lambda r: names[r.path]):
         name = names[run.path]
@@ -505,7 +750,11 @@ def write_report(roots: Sequence[str | Path], out: str | Path) -> Path:
         curves_link = f"[png]({curves})" if plot_curves(run, out / curves) else "-"
         confusion_link = f"[png]({confusion})" if plot_confusion(run, out / confusion) else "-"
         missing = ", ".join(run.results.get("folds_missing") or []) or "-"
-        lines.append(f"| {name} | {len(run.folds)} | {missing} | {curves_link} | {confusion_link} | `{run.path}` |")
+        cells = [name, rows[run.path], str(len(run.folds)), missing, curves_link, confusion_link, f"`{run.path}`"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if left_out:
+        lines += ["", "## Left out", "", "| results | why |", "|---|---|"]
+        lines += [f"| `{item.path}` | {_md(item.reason)} |" for item in left_out]
     report = out / REPORT
     write_text_atomic(report, "\n".join(lines) + "\n")
     return report

@@ -34,8 +34,17 @@ def fake_results(
     trainable: int = 1000,
     classes: list[str] = ("a", "b"),
     extra: dict[str, dict[str, float]] | None = None,
+    settings: dict | None = None,
+    epochs: dict[str, int | None] | None = None,
+    number_of_epochs: int = 2,
+    backbone_source: str = "x",
+    written: float | None = None,
 ) -> Path:
-    """A results.json as the recipe driver writes it, with chosen test accuracies per fold."""
+    """A results.json as the recipe driver writes it, with chosen test accuracies per fold.
+
+    `settings` becomes the results' `settings` (with `number_of_epochs`, `seed` and `few_shot_samples` added as
+    the recipe records them), `epochs` the selected epoch per fold (2 by default, None = never validated),
+    `written` the file's modification time."""
     folds = {}
     for key, accuracy in accuracies.items():
         n = len(classes)
@@ -44,7 +53,7 @@ def fake_results(
         test.update((extra or {}).get(key, {}))
         folds[key] = {
             "fold": None if key == "official" else int(key),
-            "epoch": 2,
+            "epoch": (epochs or {}).get(key, 2),
             "valid": {"loss": 1.0, "accuracy": accuracy / 2, "macro_f1": 0.1},
             "test": test,
             "classes": list(classes),
@@ -55,10 +64,10 @@ def fake_results(
         "dataset": dataset,
         "method": method,
         "backbone": "ast",
-        "backbone_source": "x",
+        "backbone_source": backbone_source,
         "few_shot_samples": few_shot,
         "seed": seed,
-        "number_of_epochs": 2,
+        "number_of_epochs": number_of_epochs,
         "git_revision": None,
         "debug": debug,
         "parameters": {"trainable": trainable, "backbone": 100000, "trainable_percent": trainable / 1000},
@@ -67,8 +76,18 @@ def fake_results(
         "mean": {},
         "std": {},
     }
+    if settings is not None:
+        recorded = {
+            "number_of_epochs": number_of_epochs,
+            "seed": seed,
+            "few_shot_samples": few_shot,
+            "backbone_source": backbone_source,
+        }
+        results["settings"] = {**recorded, **settings}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results))
+    if written is not None:
+        os.utime(folder / "results.json", (written, written))
     return folder
 
 
@@ -138,7 +157,7 @@ def recorded(tmp_path) -> Path:
 def test_report_from_recorded_results(recorded, tmp_path):
     report = write_report([recorded], tmp_path / "report")
     text = report.read_text()
-    assert "6 run(s) (results.json) found" in text and "1 debug run(s) left out" in text
+    assert "6 run(s) (results.json) found" in text and "left out: 1 debug" in text
     assert "0.99" not in text  # the debug run's accuracy
     details = table_rows(text, "| dataset | backbone | method | test accuracy")
     adapter = [0.5, 0.6, 0.7, 0.8, 0.9, 0.4, 0.3]  # every fold of both seeds, pooled
@@ -220,3 +239,146 @@ def test_report_from_a_real_recipe_run(tmp_path):
     assert row[5] == f"{results['parameters']['trainable']:,}"
     for figure in ("accuracy_vs_params.png", "curves/GSC_linear_ast_seed10.png", "confusion/GSC_linear_ast_seed10.png"):
         assert (tmp_path / "report" / figure).read_bytes()[:8] == PNG
+
+
+# --- rows: one per dataset, backbone, method and settings; a seed counts once; nothing untrained -------------
+
+
+def per_run_folders(seed: int) -> dict:
+    """Settings that differ between runs of one experiment without defining it (paths, workers, caches)."""
+    return {
+        "output_folder": f"/runs/seed{seed}",
+        "save_folder": f"/runs/seed{seed}/save",
+        "data_folder": f"/data/copy{seed}",
+        "num_workers": seed,
+        "cache_embeddings": seed % 2 == 0,
+        "method_name": f"name{seed}",
+    }
+
+
+def test_runs_with_other_settings_are_other_rows(tmp_path):
+    """(a) One method with other epochs, adapters or checkpoint: one row each, labelled with what differs."""
+    root = tmp_path / "results"
+    base = {"lr": 0.005, "backbone": "ast", "batch_size": 32}
+    adapter = [
+        (20, 4, {"1": 0.5, "2": 0.7}),
+        (50, 4, {"1": 0.6, "2": 0.6}),
+        (50, 8, {"1": 0.9, "2": 0.8}),
+    ]
+    for number, (epochs, adapters, accuracies) in enumerate(adapter):
+        settings = {**base, **per_run_folders(number), "num_adapters": adapters}
+        folder = root / f"ESC50/adapter{number}"
+        fake_results(folder, "ESC50", "soft_moa", 1, accuracies, settings=settings, number_of_epochs=epochs)
+    one = {**base, "num_adapters": 4}
+    fake_results(root / "GSC/moa", "GSC", "soft_moa", 1, {"official": 0.4}, settings=one, number_of_epochs=20)
+    for source, accuracy in (("ckpt_a", 0.25), ("ckpt_b", 0.75)):  # another checkpoint is another model
+        folder = root / f"GSC/linear_{source}"
+        fake_results(folder, "GSC", "linear", 1, {"official": accuracy}, settings=base, backbone_source=source)
+    text = write_report([root], tmp_path / "report").read_text()
+    details = table_rows(text, "| dataset | backbone | method | test accuracy")
+    moa = "soft_moa (num_adapters={}, number_of_epochs={})"
+    # hand-computed: means and population stds of each run's two folds; one run (seed) per row
+    assert details[("ESC50", "ast", moa.format(4, 20))][3] == "60.00 ± 10.00"
+    assert details[("ESC50", "ast", moa.format(4, 50))][3] == "60.00 ± 0.00"
+    assert details[("ESC50", "ast", moa.format(8, 50))][3] == "85.00 ± 5.00"
+    for key in ((4, 20), (4, 50), (8, 50)):
+        assert details[("ESC50", "ast", moa.format(*key))][-2:] == ["1", "2"]
+    assert details[("GSC", "ast", "soft_moa")][3] == "40.00 ± 0.00"  # its only row on GSC: no settings named
+    assert details[("GSC", "ast", "linear (backbone_source=ckpt_a)")][3] == "25.00 ± 0.00"
+    assert details[("GSC", "ast", "linear (backbone_source=ckpt_b)")][3] == "75.00 ± 0.00"
+    assert len(details) == 6
+    main_table = table_rows(text, "| method | ESC50 | GSC |")
+    assert list(main_table) == [
+        ("linear (backbone_source=ckpt_a)", "-", "25.00 ± 0.00"),
+        ("linear (backbone_source=ckpt_b)", "-", "75.00 ± 0.00"),
+        ("soft_moa", "-", "40.00 ± 0.00"),
+        (moa.format(4, 20), "60.00 ± 10.00", "-"),
+        (moa.format(4, 50), "60.00 ± 0.00", "-"),
+        (moa.format(8, 50), "85.00 ± 5.00", "-"),
+    ]
+    assert (tmp_path / "report/accuracy_vs_params.png").read_bytes()[:8] == PNG
+
+
+def test_seeds_of_one_setting_are_one_row(tmp_path):
+    """(b) Seeds 1 and 2 with equal settings (paths, workers, caches, method_name aside): one row, 2 runs; a
+    third seed with another learning rate is a row of its own."""
+    root = tmp_path / "results"
+    runs = ((1, 0.01, {"1": 0.5, "2": 0.7}), (2, 0.01, {"1": 0.6, "2": 0.8}), (3, 0.02, {"1": 0.1, "2": 0.2}))
+    for seed, lr, accuracies in runs:
+        settings = {"lr": lr, **per_run_folders(seed)}
+        fake_results(root / f"seed{seed}", "ESC50", "lora", seed, accuracies, settings=settings)
+    text = write_report([root], tmp_path / "report").read_text()
+    details = table_rows(text, "| dataset | backbone | method | test accuracy")
+    assert list(details) == [("ESC50", "ast", "lora (lr=0.01)"), ("ESC50", "ast", "lora (lr=0.02)")]
+    # folds 0.5 0.7 0.6 0.8: mean 0.65, variance (0.15^2 + 0.05^2 + 0.05^2 + 0.15^2) / 4 = 0.0125
+    assert details[("ESC50", "ast", "lora (lr=0.01)")][3] == "65.00 ± 11.18"
+    assert details[("ESC50", "ast", "lora (lr=0.01)")][-2:] == ["2", "4"]
+    assert details[("ESC50", "ast", "lora (lr=0.02)")][3] == "15.00 ± 5.00"
+    assert details[("ESC50", "ast", "lora (lr=0.02)")][-2:] == ["1", "2"]
+    assert "Left out" not in text
+
+
+def test_a_seed_written_twice_counts_once(tmp_path, caplog):
+    """(c) Two results.json with the same settings and seed: the newer is used, the other listed as a duplicate."""
+    root = tmp_path / "results"
+    settings = {"lr": 0.01}
+    old = fake_results(root / "b_old", "GSC", "lora", 3, {"official": 0.2}, settings=settings, written=1_000_000)
+    new = fake_results(root / "a_new", "GSC", "lora", 3, {"official": 0.9}, settings=settings, written=2_000_000)
+    fake_results(root / "c_seed4", "GSC", "lora", 4, {"official": 0.5}, settings=settings, written=1_500_000)
+    with caplog.at_level("WARNING", logger="petl_modules.report"):
+        text = write_report([root], tmp_path / "report").read_text()
+    row = table_rows(text, "| dataset | backbone | method | test accuracy")[("GSC", "ast", "lora")]
+    assert row[3] == "70.00 ± 20.00" and row[-2:] == ["2", "2"]  # 0.9 and 0.5; the older 0.2 is not counted
+    assert "2 run(s) (results.json) found" in text and "left out: 1 duplicate" in text
+    assert f"`{new / 'results.json'}`" in text.split("## Left out")[0]
+    left_out = table_rows(text, "| results | why |")
+    assert list(left_out) == [
+        (
+            f"`{old / 'results.json'}`",
+            f"duplicate: same settings and seed 3 as {new}/results.json, which is newer; a seed counts once",
+        )
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"report: left out {old / 'results.json'}: {left_out[list(left_out)[0]][1]}"
+    ]
+
+
+def test_debug_and_untrained_runs_are_in_no_table(tmp_path, caplog):
+    """(d) A --debug run and a run with a fold that never validated (epoch null) are left out, each logged."""
+    root = tmp_path / "results"
+    settings = {"lr": 0.01}
+    fake_results(root / "trained", "ESC50", "lora", 1, {"1": 0.5, "2": 0.6}, settings=settings)
+    debug = fake_results(root / "debug", "ESC50", "lora", 2, {"1": 0.13, "2": 0.13}, settings=settings, debug=True)
+    untrained = fake_results(
+        root / "untrained", "ESC50", "lora", 3, {"1": 0.37, "2": 0.37}, settings=settings, epochs={"2": None}
+    )
+    few = fake_results(root / "few", "ESC50", "lora", 1, {"1": 0.41}, settings=settings, few_shot=2, epochs={"1": None})
+    with caplog.at_level("WARNING", logger="petl_modules.report"):
+        text = write_report([root], tmp_path / "report").read_text()
+    details = table_rows(text, "| dataset | backbone | method | test accuracy")
+    assert details == {("ESC50", "ast", "lora"): details[("ESC50", "ast", "lora")]}
+    assert details[("ESC50", "ast", "lora")][3] == "55.00 ± 5.00"
+    assert details[("ESC50", "ast", "lora")][-2:] == ["1", "2"]
+    assert "13.00" not in text and "37.00" not in text and "41.00" not in text and "Few-shot" not in text
+    assert "1 run(s) (results.json) found" in text and "left out: 1 debug, 2 untrained" in text
+    messages = sorted(r.getMessage() for r in caplog.records)
+    assert len(messages) == 3
+    assert messages[0].startswith(f"report: left out {debug / 'results.json'}: recorded with --debug")
+    assert messages[1].startswith(f"report: left out {few / 'results.json'}: untrained: fold 1 has no selected epoch")
+    assert messages[2].startswith(f"report: left out {untrained / 'results.json'}: untrained: fold 2 has no selected")
+    with pytest.raises(SystemExit, match="no finished recipe results.json below") as stop:
+        main([str(untrained), "--out", str(tmp_path / "none")])
+    assert "\n" not in str(stop.value)
+
+
+def test_the_method_is_what_was_trained_not_method_name(tmp_path):
+    """(e) `settings.method_name` is a free-text label: the row is results.json's `method`, one row for both."""
+    root = tmp_path / "results"
+    for seed, name in ((1, "foo"), (2, "bar")):
+        settings = {"lr": 0.01, "method_name": name}
+        fake_results(root / f"seed{seed}", "FSC", "lora", seed, {"official": 0.1 * seed}, settings=settings)
+    text = write_report([root], tmp_path / "report").read_text()
+    details = table_rows(text, "| dataset | backbone | method | test accuracy")
+    assert list(details) == [("FSC", "ast", "lora")]
+    assert details[("FSC", "ast", "lora")][3] == "15.00 ± 5.00" and details[("FSC", "ast", "lora")][-2:] == ["2", "2"]
+    assert "foo" not in text and "bar" not in text
