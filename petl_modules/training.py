@@ -189,6 +189,7 @@ class AtomicCheckpointer(Checkpointer):
             self.checkpoints_dir = root
         if staged is not None:  # rank 0
             os.replace(staged.path, final_dir)
+            (root / self.STAGING).rmdir()  # empty now: a finished run leaves no staging folder
             logger.log(verbosity, "Saved a checkpoint in %s", final_dir)
         ddp_barrier()  # the other ranks may read it from now on
         if staged is None:
@@ -200,7 +201,14 @@ class AtomicCheckpointer(Checkpointer):
 
 @register_checkpoint_hooks
 class CosineSchedule:
-    """Per-optimizer-step learning rate: linear warm-up to the base lr, then cosine decay to 0 (papers)."""
+    """Per-optimizer-step learning rate: linear warm-up to the base lr, then cosine decay to 0 (papers).
+
+    Training on: a schedule built for more steps than its checkpoint recorded (a finished run given more
+    `number_of_epochs`) keeps the recorded cosine for the recorded steps and adds a new cosine over the added
+    ones, from the base lr to 0 without warm-up. `segments` lists them as (first step, steps, warm-up steps), so
+    a run trained for 10 epochs then on to 20 follows the same learning rates as one interrupted in its first 10
+    epochs and resumed with 20.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> None:
         if warmup_steps >= total_steps > 0:
@@ -208,15 +216,22 @@ class CosineSchedule:
         self.optimizer = optimizer
         self.total_steps = max(total_steps, 1)
         self.warmup_steps = warmup_steps
+        self.segments: list[tuple[int, int, int]] = [(0, self.total_steps, warmup_steps)]
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.steps = 0
         self._apply()
 
     def factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        start, length, warmup = next(segment for segment in reversed(self.segments) if segment[0] <= step)
+        step -= start
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / (length - warmup))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the first parameter group at optimizer step `step` (0-based)."""
+        return self.base_lrs[0] * self.factor(step)
 
     def _apply(self) -> None:
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
@@ -232,11 +247,22 @@ class CosineSchedule:
 
     @mark_as_saver
     def save(self, path: Path) -> None:
-        torch.save({"steps": self.steps, "total_steps": self.total_steps}, path)
+        torch.save({"steps": self.steps, "total_steps": self.total_steps, "segments": self.segments}, path)
 
     @mark_as_loader
     def load(self, path: Path, end_of_epoch: bool) -> None:
-        self.steps = torch.load(path, weights_only=True)["steps"]
+        state = torch.load(path, weights_only=True)
+        recorded = state["total_steps"]
+        segments = [tuple(segment) for segment in state.get("segments", [(0, recorded, self.warmup_steps)])]
+        if self.total_steps < recorded:
+            raise ValueError(
+                f"{path}: the learning-rate schedule ran {recorded} steps, this run has {self.total_steps} "
+                "(fewer epochs, a larger batch or more processes than the run that saved it)"
+            )
+        if self.total_steps > recorded:  # training on: a new cosine over the added steps
+            segments.append((recorded, self.total_steps - recorded, 0))
+        self.segments = segments
+        self.steps = state["steps"]
         self._apply()
 
 
@@ -314,15 +340,65 @@ class PETLBrain(sb.Brain):
             valid_loader_kwargs=dict(valid_loader_kwargs or {}),
         )
 
+    def _wrap_distributed(self) -> None:
+        """SpeechBrain's DDP wrapping, except that BatchNorm stays plain where SyncBatchNorm cannot run.
+
+        Invariant: on a device type SyncBatchNorm runs on (CUDA, HPU, XPU, a PrivateUse1 backend) and outside a
+        `torchrun` launch this is exactly `sb.Brain._wrap_distributed` (BatchNorm -> SyncBatchNorm, then DDP;
+        DataParallel). Elsewhere (CPU with gloo) each module with a trainable parameter is wrapped in DDP
+        unconverted: BatchNorm normalises over each process's own share of the batch and keeps running
+        statistics per process (DDP broadcasts rank 0's buffers at each training forward; rank 0's are saved).
+        Gradients are still averaged over all processes, so the other trainable tensors stay equal across ranks.
+        """
+        device_type = torch.device(self.device).type
+        if not self.distributed_launch or device_type in (
+            "cuda",
+            "hpu",
+            "xpu",
+            torch._C._get_privateuse1_backend_name(),
+        ):
+            super()._wrap_distributed()
+            return
+        wrapped = [name for name, module in self.modules.items() if any(p.requires_grad for p in module.parameters())]
+        batch_norm = torch.nn.modules.batchnorm._BatchNorm
+        if if_main_process() and any(isinstance(m, batch_norm) for n in wrapped for m in self.modules[n].modules()):
+            logger.info(
+                "BatchNorm statistics stay per process on %s (SyncBatchNorm needs a GPU): each process normalises "
+                "over its own share of the batch; checkpoints keep rank 0's running statistics",
+                device_type,
+            )
+        for name in wrapped:
+            self.modules[name] = torch.nn.parallel.DistributedDataParallel(
+                self.modules[name], device_ids=None, find_unused_parameters=self.find_unused_parameters
+            )
+
     def init_optimizers(self) -> None:
         trainable = [p for p in self.modules.parameters() if p.requires_grad]
         self.optimizer = self.opt_class(trainable)
         self.optimizers_dict = {"opt_class": self.optimizer}
-        total_steps = self.hparams.number_of_epochs * math.ceil(self.steps_per_epoch / self.grad_accumulation_factor)
+        total_steps = self.hparams.number_of_epochs * self.updates_per_epoch
         self.lr_schedule = CosineSchedule(self.optimizer, total_steps, self.hparams.warmup_steps)
         if self.checkpointer is not None:
             self.checkpointer.add_recoverable("optimizer", self.optimizer)
             self.checkpointer.add_recoverable("lr_schedule", self.lr_schedule)
+
+    @property
+    def updates_per_epoch(self) -> int:
+        """Optimizer steps per epoch (train batches over the gradient accumulation factor, rounded up)."""
+        return math.ceil(self.steps_per_epoch / self.grad_accumulation_factor)
+
+    def lr_schedule_epochs(self) -> list[dict]:
+        """The learning-rate schedule in epochs: one cosine per entry (two or more after training on)."""
+        if self.lr_schedule is None:  # --test_only: nothing trained here
+            return []
+        return [
+            {
+                "first_epoch": start // self.updates_per_epoch + 1,
+                "last_epoch": (start + length) // self.updates_per_epoch,
+                "warmup_steps": warmup,
+            }
+            for start, length, warmup in self.lr_schedule.segments
+        ]
 
     def compute_forward(self, batch, stage: sb.Stage) -> torch.Tensor:
         batch = batch.to(self.device)
@@ -360,6 +436,7 @@ class PETLBrain(sb.Brain):
         self._stage_started = time.perf_counter()
         if stage == sb.Stage.TRAIN:
             self.timing = {"step_s": 0.0}
+            self.epoch_lr = self.lr_schedule.lr_at((epoch - 1) * self.updates_per_epoch)
         if stage != sb.Stage.TRAIN:
             self.confusion = torch.zeros(self.hparams.num_classes, self.hparams.num_classes, dtype=torch.long)
 
@@ -367,6 +444,10 @@ class PETLBrain(sb.Brain):
         return {"loss": float(loss), **{name: metric(self.confusion) for name, metric in self.metrics.items()}}
 
     def _log(self, stats_meta: dict, **stats: dict) -> None:
+        """train_log.txt and the extra loggers; with `--test_only` the console alone (nothing is written)."""
+        if self.test_only:
+            logger.info(" - ".join(f"{key}: {value}" for key, value in {**stats_meta, **stats}.items()))
+            return
         for train_logger in (self.hparams.train_logger, *self.extra_loggers):
             train_logger.log_stats(stats_meta, **stats)
 
@@ -381,7 +462,7 @@ class PETLBrain(sb.Brain):
             train_stats = {"loss": self.train_loss}
             if self.log_timing:
                 train_stats.update(self.timing, valid_s=elapsed)
-            self._log({"epoch": epoch, "lr": self.lr_schedule.lr}, train_stats=train_stats, valid_stats=stats)
+            self._log({"epoch": epoch, "lr": self.epoch_lr}, train_stats=train_stats, valid_stats=stats)
             self.checkpointer.save_and_keep_only(
                 meta={**stats, "epoch": epoch}, max_keys=[self.hparams.selection_metric], num_to_keep=1
             )
