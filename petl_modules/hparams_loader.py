@@ -13,20 +13,24 @@ Invariants:
   HyperPyYAML merges them (a nested mapping updates the mapping it names, its other keys stay). Its YAML text
   (`dump_tree`) has no `extends:` and loads with plain `hyperpyyaml.load_hyperpyyaml` to the same objects
   that `load_hparams` returns: it is what `python -m petl_modules.flatten` prints and what a recipe records.
-- A key whose value is a YAML boolean only ever receives a YAML boolean, from a file or the command line
-  (`no`, `off`, `"False"` are strings, not booleans): anything else is an error naming the key.
+- A key keeps the kind of value its file gives it, from a file or the command line: a YAML boolean only ever
+  receives a YAML boolean (`no`, `off`, `"False"` are strings, not booleans), an integer an integer, a number a
+  number (or null), and an object the file builds (`!new:`, `!name:`: the model, the method) is never replaced
+  by a plain value. Anything else is an error naming the key. Ranges are checked by `hparams_checks`.
 - An override that names no key, a missing `extends:` entry, a loop: an error naming the key or the entry
   and the file that holds it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from io import StringIO
 from pathlib import Path
 
 import ruamel.yaml
 from hyperpyyaml import load_hyperpyyaml
+from ruamel.yaml.constructor import DuplicateKeyError
 
 LIBRARY_HPARAMS = Path(__file__).resolve().parent / "hparams"
 PLACEHOLDER_TAG = "!PLACEHOLDER"
@@ -54,9 +58,30 @@ def merge(tree: dict, update: Mapping, where: str, deep: bool = False, prefix: s
         if deep and isinstance(value, Mapping) and isinstance(old, Mapping) and not _tag(value) and not _tag(old):
             merge(old, value, where, deep, f"{prefix}{key}.")
             continue
-        if isinstance(old, bool) and not isinstance(value, bool):
-            raise HparamsError(f"{where}{prefix}{key} must be a YAML boolean (True or False), got {_text(value)!r}")
+        _check_kind(old, value, f"{where}{prefix}{key}")
         tree[key] = value
+
+
+OBJECT_TAGS = ("!new:", "!name:")
+
+
+def _check_kind(old: object, value: object, name: str) -> None:
+    """Whether a plain `value` may replace `old` (see the module's invariants); an error naming the key if not."""
+    if _tag(value) is not None:  # an expression (`!ref`, `!apply:`, an object): checked once resolved
+        return
+    if str(_tag(old)).startswith(OBJECT_TAGS):
+        hint = ": a method is chosen by its file, hparams/<method>.yaml" if name.endswith("method") else ""
+        raise HparamsError(f"{name} is an object the file builds ({_tag(old)}); not a value to set{hint}")
+    if _tag(old) is not None or old is None or value is None:  # an expression or null: checked once resolved
+        return
+    if isinstance(old, bool):
+        if not isinstance(value, bool):
+            raise HparamsError(f"{name} must be a YAML boolean (True or False), got {_text(value)!r}")
+    elif isinstance(old, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise HparamsError(f"{name} must be an integer, got {_text(value)!r}")
+    elif isinstance(old, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise HparamsError(f"{name} must be a number, got {_text(value)!r}")
 
 
 def _tag(node: object) -> str | None:
@@ -80,7 +105,7 @@ def compose(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     try:
         tree = _yaml().load(path.read_text(encoding="utf-8"))
     except ruamel.yaml.YAMLError as error:
-        raise HparamsError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        raise HparamsError(f"{_position(path, error)}: not valid YAML ({_problem(error)})") from None
     tree = tree if tree is not None else ruamel.yaml.comments.CommentedMap()
     if not isinstance(tree, Mapping):
         raise HparamsError(f"{path}: expected a mapping of keys to values at the top level")
@@ -108,11 +133,29 @@ def parse_overrides(overrides: str | Mapping | None) -> dict:
         return dict(overrides)
     try:
         return dict(_yaml().load(overrides) or {})
+    except DuplicateKeyError as error:
+        key = re.search(r'duplicate key "([^"]*)"', str(error.problem))
+        raise HparamsError(f"--{key.group(1) if key else '?'} is given more than once; keep one") from None
     except ruamel.yaml.YAMLError as error:
-        raise HparamsError(
-            "command-line options are not valid YAML values or repeat an option "
-            f"({str(error).strip().splitlines()[-1]})"
-        ) from None
+        raise HparamsError(f"command-line options are not valid YAML values ({_problem(error)})") from None
+
+
+def _position(path: Path, error: ruamel.yaml.YAMLError) -> str:
+    """`FILE:LINE:COLUMN` of a YAML error (1-based), `FILE` when the parser gives no position."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+
+
+def _problem(error: ruamel.yaml.YAMLError) -> str:
+    """The parser's reason on one line, e.g. `while parsing a flow sequence (line 2, column 5): expected ',' or
+    ']', but got ':'`, without its excerpt of the text.
+    """
+    context, problem = getattr(error, "context", None), getattr(error, "problem", None)
+    mark = getattr(error, "context_mark", None)
+    if context and mark is not None:
+        context = f"{context} (line {mark.line + 1}, column {mark.column + 1})"
+    text = ": ".join(str(part) for part in (context, problem) if part) or str(error).strip().splitlines()[0]
+    return " ".join(text.split())
 
 
 def check_overrides(tree: Mapping, overrides: Mapping, path: str | Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbones.base import Backbone
+from .backbones.base import Backbone, OptionError
 from .methods.base import Method, PETLModule, choice, flag
 from .methods.lora import LoRALinear
 
@@ -79,7 +79,8 @@ class PETLModel(nn.Module):
         needed = {"cls": 1, "cls_dist": 2}.get(pooling, 0)
         if backbone.num_output_special_tokens < needed:
             reason = "has not" if backbone.num_special_tokens < needed else f"loses to {method.name} (keep_dist_token)"
-            raise ValueError(f"pooling '{pooling}' needs [CLS]/[DIST] tokens, which {type(backbone).__name__} {reason}")
+            kind = type(backbone).__name__
+            raise OptionError(f"pooling '{pooling}' needs [CLS]/[DIST] tokens, which {kind} {reason}")
         self.head = ClassificationHead(
             backbone.hidden_size, num_classes, pooling, with_norm=flag("head_norm", head_norm)
         )

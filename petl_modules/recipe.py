@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import statistics
 import subprocess
@@ -47,8 +48,9 @@ from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.distributed import ddp_barrier, if_main_process, run_on_main
 from speechbrain.utils.seed import seed_everything
 
-from .atomic import write_json_atomic, write_text_atomic
+from .atomic import follow_umask, write_json_atomic, write_text_atomic
 from .backbones import ASTBackbone, BackboneLoadError
+from .backbones.base import OptionError
 from .commands import REPO_ROOT
 from .data import (
     CLASSES_FILE,
@@ -60,8 +62,10 @@ from .data import (
     read_manifest,
 )
 from .data.embedding_cache import EmbeddingCache
+from .hparams_checks import RULES, check_settings, one_of
 from .hparams_loader import HparamsError, compose_tree, dump_tree, load_tree, parse_overrides, placeholders
 from .linear_cached import recipe_cache_blocker
+from .run_folder import closure
 from .training import BASE_METRICS, MetricFn, missing_optional_packages
 
 logger = logging.getLogger(__name__)
@@ -78,15 +82,23 @@ class RecipeError(ValueError):
     """A command-line value is wrong; the message names the option and what was expected."""
 
 
-USER_ERRORS = (HparamsError, RecipeError, DataPreparationError, AudioError, BackboneLoadError)
+USER_ERRORS = (HparamsError, RecipeError, DataPreparationError, AudioError, BackboneLoadError, OptionError)
+
+
+TRACEBACK_VARIABLE = "PETL_TRACEBACK"
 
 
 @contextmanager
 def recipe_errors(dataset: str) -> Iterator[None]:
-    """User errors as one line on stderr (`<DS> recipe: error: ...`) and exit status 1, no traceback."""
+    """User errors as one line on stderr (`<DS> recipe: error: ...`) and exit status 1, no traceback.
+
+    Tracebacks remain for real bugs; `PETL_TRACEBACK=1` in the environment shows them for user errors too.
+    """
     try:
         yield
     except USER_ERRORS as error:
+        if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise
         sys.exit(f"{dataset} recipe: error: {error}")
 
 
@@ -128,15 +140,17 @@ def fold_key(fold: int | None) -> str:
 # --- the data pipeline --------------------------------------------------------------------------
 
 
-def input_loader(hparams: Mapping, cache_folder: Path) -> Callable[[str], torch.Tensor]:
+def input_loader(hparams: Mapping, cache_folder: Path, read_only: bool = False) -> Callable[[str], torch.Tensor]:
     """What a file becomes: its pooled vector (linear probing, `cache_embeddings`), AST's fbank through the
     feature cache (`cache_features`), else the 16 kHz waveform.
 
     The pooled vectors (`EmbeddingCache`, valid only where `recipe_cache_blocker` finds nothing) make
     `build_datasets` fill the cache before training and yield `pooled` instead of `sig`; a log line says which
     path runs. `feature_cache_folder` (null: `cache_folder`) may be shared by runs. Under DDP only rank 0
-    writes cached features; the other ranks read what is there and compute the rest.
+    writes cached features; the other ranks read what is there and compute the rest, as every rank does when
+    `read_only` (`--test_only`, which writes nothing).
     """
+    read_only = read_only or not if_main_process()
     model = hparams["model"]
     folder = hparams["feature_cache_folder"] or cache_folder
     blocker = recipe_cache_blocker(model, hparams.get("cache_embeddings", False), hparams.get("spec_augment", False))
@@ -146,7 +160,7 @@ def input_loader(hparams: Mapping, cache_folder: Path) -> Callable[[str], torch.
         return EmbeddingCache(
             folder,
             model,
-            read_only=not if_main_process(),
+            read_only=read_only,
             batch_size=options.get("batch_size", 1),
             num_workers=options.get("num_workers", 0),
         )
@@ -156,7 +170,7 @@ def input_loader(hparams: Mapping, cache_folder: Path) -> Callable[[str], torch.
     if not (hparams["cache_features"] and isinstance(backbone, ASTBackbone)):
         return read_audio
     front_end = backbone.front_end
-    return FeatureCache(folder, front_end.single, front_end.settings(), read_only=not if_main_process())
+    return FeatureCache(folder, front_end.single, front_end.settings(), read_only=read_only)
 
 
 def fill_device() -> torch.device:
@@ -237,11 +251,67 @@ def differing_keys(recorded: Mapping, wanted: Mapping) -> list[str]:
 # --- the experiment -----------------------------------------------------------------------------
 
 
+def find_hparams_file(hparams_file: str | Path, recipe_folder: str | Path | None) -> Path:
+    """The hyperparameter file as given, else the same relative path in the recipe's folder (absolute).
+
+    `python recipes/FSC/train.py hparams/lora.yaml` from the repository root then runs exactly as
+    `python train.py hparams/lora.yaml` from `recipes/FSC/`. A file found in neither is an error listing the
+    recipe's method files.
+    """
+    path = Path(hparams_file).expanduser()
+    candidates = [path]
+    if recipe_folder is not None and not path.is_absolute():
+        candidates.append(Path(recipe_folder) / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.absolute()
+    where = " or ".join(str(candidate.absolute()) for candidate in candidates)
+    listed = ""
+    if recipe_folder is not None:
+        names = [file.stem for file in sorted((Path(recipe_folder) / "hparams").glob("*.yaml"))]
+        listed = f"; the recipe's files: {Path(recipe_folder) / 'hparams'}/<{'|'.join(names)}>.yaml"
+    raise RecipeError(f"hyperparameter file not found: {where}{listed}")
+
+
+def check_device(device: object) -> None:
+    """`--device=cuda[:N]` needs that CUDA device; anything else is SpeechBrain's to check."""
+    if not isinstance(device, str) or not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise RecipeError(f"--device={device}: no CUDA device is available here (PyTorch finds none); use --device=cpu")
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise RecipeError(f"--device={device}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
+
+
+def check_method(tree: Mapping) -> None:
+    """Builds the method block alone (an option object: cheap), so that its option checks run first."""
+    if "method" not in tree:
+        return
+    try:
+        value_of(tree, "method")
+    except OptionError as error:
+        name = str(getattr(getattr(tree["method"], "tag", None), "value", "")).rpartition(".")[2] or "method"
+        raise RecipeError(f"{name}: {error} (the method's options: hparams/methods/*.yaml)") from None
+
+
+def value_of(tree: Mapping, key: str) -> object:
+    """A top-level value of a composed tree, evaluated (`!ref`, `!apply:`) from the keys it needs alone."""
+    return load_tree({name: tree[name] for name in closure(tree, [key])})[key]
+
+
+def has_checkpoint(save_folder: Path) -> bool:
+    return any(save_folder.glob("CKPT+*"))
+
+
 class Experiment:
     """One recipe command: its settings, the folds it runs, their records and results.json.
 
-    Everything that can be wrong with the command (options, placeholders, data folder, optional packages,
-    reruns with other settings, `--test_only` without checkpoint) is checked here, before anything is written.
+    Everything that can be wrong with the command itself (options and their values, the device, placeholders,
+    the data folder, optional packages, reruns with other settings, `--test_only` without checkpoint) is
+    checked here, before anything is written; the data is checked against the settings by `load_hparams`,
+    before the run is recorded. A run folder's `hyperparams.yaml` binds only once the run has trained (a
+    checkpoint or `fold_result.json`): a start that failed earlier is overwritten by the next command.
     """
 
     def __init__(
@@ -252,19 +322,23 @@ class Experiment:
         run_opts: Mapping,
         folds: Sequence[int] = (),
         metrics: Mapping[str, MetricFn] | None = None,
+        recipe_folder: str | Path | None = None,
     ) -> None:
         self.dataset = dataset
-        self.hparams_file = hparams_file
+        self.hparams_file = str(find_hparams_file(hparams_file, recipe_folder))
         self.folds = tuple(folds)
         self.metrics = {**BASE_METRICS, **(metrics or {})}
         self.debug = bool(run_opts.get("debug"))
         self.test_only = bool(run_opts.get("test_only"))
+        check_device(run_opts.get("device"))
         self.overrides = parse_overrides(overrides)
-        tree = compose_tree(hparams_file, self.overrides)
+        tree = compose_tree(self.hparams_file, self.overrides)
         missing = placeholders(tree)
         if missing:
             raise RecipeError(f"{missing[0]} is not set: give --{missing[0]}=... or set {missing[0]} in {hparams_file}")
         self.settings = resolved_settings(tree)
+        check_settings(self.settings, {**RULES, "selection_metric": one_of(("loss", *self.metrics))})
+        check_method(tree)
         data_folder = Path(str(self.settings["data_folder"]))
         if not data_folder.is_dir():
             raise RecipeError(f"--data_folder: {data_folder} is not a folder; give the {dataset} dataset root")
@@ -277,8 +351,9 @@ class Experiment:
         self.trees = {fold: self._fold_tree(fold) for fold in self.selected}
         if self.debug:  # a throw-away run: never resumed, never mixed with real results
             run_on_main(shutil.rmtree, args=[self.output_folder], kwargs={"ignore_errors": True})
+        self.trained_on: dict[int | None, object] = {}  # fold -> the epochs its record ran, when training on
         self.finished = {fold: self._check_rerun(fold) for fold in self.selected}
-        self._check_other_folds()
+        self.pending = self._check_other_folds()
         ddp_barrier()  # every rank has looked at the folders before rank 0 writes in them
 
     # -- planning
@@ -291,6 +366,11 @@ class Experiment:
         """The default feature cache, shared by the folds of this output folder."""
         return self.output_folder / FEATURE_CACHE
 
+    @property
+    def manifest_folder(self) -> Path:
+        """Where the data preparation writes the manifests (`save_folder` of `prepare_<ds>`)."""
+        return self.output_folder / MANIFESTS
+
     def _fold_tree(self, fold: int | None) -> dict:
         """The tree this fold runs: the command's, with its run folder and fold number."""
         fold_value = "all" if fold is None else fold
@@ -298,46 +378,81 @@ class Experiment:
             self.hparams_file, {**self.overrides, "output_folder": str(self.run_folder(fold)), "fold": fold_value}
         )
 
-    @staticmethod
-    def _recorded_differences(record: Path, tree: Mapping) -> list[str]:
-        """Keys whose value in a run's record differs from `tree`'s.
+    def _binding_record(self, fold: int | None) -> Mapping | None:
+        """The fold's recorded tree if the run trained (a checkpoint or a result), else None.
 
-        A null `num_classes` (the data's) is compared by `prepare`, once the data is prepared.
+        A record without either is a start that failed before training: it binds nothing.
         """
-        differ = differing_keys(ruamel.yaml.YAML().load(record.read_text(encoding="utf-8")), tree)
-        return [key for key in differ if not (key == "num_classes" and tree.get("num_classes") is None)]
-
-    def _check_rerun(self, fold: int | None) -> bool:
-        """True when the fold is finished with these settings; an error when its folder ran other settings."""
         folder = self.run_folder(fold)
         record = folder / HYPERPARAMS
-        if record.is_file():
-            differ = self._recorded_differences(record, self.trees[fold])
-            if differ:
+        save_folder = Path(str(resolved_settings(self._fold_tree(fold))["save_folder"]))
+        if not record.is_file() or not ((folder / FOLD_RESULT).is_file() or has_checkpoint(save_folder)):
+            return None
+        return ruamel.yaml.YAML().load(record.read_text(encoding="utf-8")) or {}
+
+    @staticmethod
+    def _differences(recorded: Mapping, tree: Mapping) -> list[str]:
+        """Keys whose value in a run's record differs from `tree`'s.
+
+        A null `num_classes` (the data's) is compared by `load_hparams`, once the data is prepared.
+        """
+        differ = differing_keys(recorded, tree)
+        return [key for key in differ if not (key == "num_classes" and tree.get("num_classes") is None)]
+
+    @staticmethod
+    def _more_epochs(recorded: Mapping, tree: Mapping, differ: Sequence[str]) -> object | None:
+        """The recorded `number_of_epochs` when it is the only difference and the tree asks for more, else None."""
+        if list(differ) != ["number_of_epochs"]:
+            return None
+        before, after = value_of(recorded, "number_of_epochs"), value_of(tree, "number_of_epochs")
+        return before if isinstance(before, int) and isinstance(after, int) and after > before else None
+
+    def _check_rerun(self, fold: int | None) -> bool:
+        """True when the fold is finished with these settings; an error when its folder trained other settings.
+
+        More `number_of_epochs` than recorded, and nothing else changed, trains the run on (`trained_on`).
+        """
+        folder = self.run_folder(fold)
+        recorded = self._binding_record(fold)
+        if recorded is not None:
+            differ = self._differences(recorded, self.trees[fold])
+            before = self._more_epochs(recorded, self.trees[fold], differ)
+            if before is not None and not self.test_only:
+                self.trained_on[fold] = before
+            elif differ:
                 raise RecipeError(
-                    f"{folder} ran with other settings ({', '.join(differ)} differ from {record}); "
-                    "rerun with the recorded values or choose another --output_folder"
+                    f"{folder} ran with other settings ({', '.join(differ)} differ from {folder / HYPERPARAMS}); "
+                    "rerun with the recorded values (more --number_of_epochs trains it on) or choose another "
+                    "--output_folder"
                 )
-        finished = (folder / FOLD_RESULT).is_file()
         if self.test_only:
             save_folder = Path(str(resolved_settings(self.trees[fold])["save_folder"]))
-            if not any(save_folder.glob("CKPT+*")):
+            if not has_checkpoint(save_folder):
                 raise RecipeError(f"--test_only: no checkpoint in {save_folder}; train first (without --test_only)")
             return False
-        return finished
+        return recorded is not None and fold not in self.trained_on and (folder / FOLD_RESULT).is_file()
 
-    def _check_other_folds(self) -> None:
-        """Folds finished by other jobs in this output folder must have run this command's settings."""
+    def _check_other_folds(self) -> set[int]:
+        """Folds finished by other jobs in this output folder must have run this command's settings.
+
+        A fold that ran fewer `number_of_epochs` and nothing else different is waiting to be trained on: it is
+        returned, and left out of results.json until it is.
+        """
+        pending = set()
         for fold in self.folds:
-            record = self.run_folder(fold) / HYPERPARAMS
-            if fold in self.selected or not (self.run_folder(fold) / FOLD_RESULT).is_file() or not record.is_file():
+            if fold in self.selected or not (self.run_folder(fold) / FOLD_RESULT).is_file():
                 continue
-            differ = self._recorded_differences(record, self._fold_tree(fold))
-            if differ:
+            recorded = self._binding_record(fold)
+            tree = self._fold_tree(fold)
+            differ = self._differences(recorded, tree) if recorded is not None else []
+            if differ and self._more_epochs(recorded, tree, differ) is not None:
+                pending.add(fold)
+            elif differ:
                 raise RecipeError(
                     f"fold {fold} in {self.output_folder} ran with other settings ({', '.join(differ)} differ); "
                     "its results would be aggregated with these: choose another --output_folder"
                 )
+        return pending
 
     def folds_to_run(self) -> Iterator[int | None]:
         """The selected folds that still need training (all of them with `--test_only`)."""
@@ -352,82 +467,90 @@ class Experiment:
 
     # -- one fold
 
-    def load_hparams(self, fold: int | None) -> dict:
-        """The fold's hyperparameters, instantiated after seeding (every fold starts from the same init)."""
-        if self.trees[fold].get("num_classes", 0) is None:
-            raise RecipeError("num_classes is null: give --num_classes=N, the number of classes of the data")
+    def fold_settings(self, fold: int | None) -> dict:
+        """The fold's top-level values, resolved but not instantiated: what the data preparation takes."""
+        return resolved_settings(self.trees[fold])
+
+    def load_hparams(self, fold: int | None, manifests: Mapping[str, Path]) -> dict:
+        """The fold's hyperparameters, instantiated after seeding (every fold starts from the same init).
+
+        First the prepared data is checked against `num_classes` (a null `num_classes` becomes the data's class
+        count, which `record_hyperparams` then records); nothing has been written into the run folder yet.
+        """
+        count = len(read_classes(Path(manifests["train"]).parent / CLASSES_FILE))
+        num_classes = self.fold_settings(fold).get("num_classes")
+        if num_classes is None:
+            self._num_classes_from_data(fold, count)
+        elif num_classes != count:
+            raise RecipeError(
+                f"num_classes is {num_classes} but the prepared {self.dataset} data has {count} classes; "
+                f"set --num_classes={count}"
+            )
         seed_everything(int(self.settings["seed"]))
         return load_tree(self.trees[fold])
 
-    def fold_settings(self, fold: int | None) -> dict:
-        """The fold's top-level values, resolved but not instantiated: `prepare`'s input before `load_hparams`."""
-        return resolved_settings(self.trees[fold])
-
-    def record_hyperparams(self, fold: int | None) -> None:
-        """`<run>/hyperparams.yaml`: the tree that runs, self-contained (rank 0; not under `--test_only`)."""
-        if self.test_only:
-            return
-        header = (
-            f"What ran in {self.run_folder(fold)}: {self.hparams_file} with its `extends:` and the command-line\n"
-            "options merged. Self-contained: hyperpyyaml.load_hyperpyyaml loads it and train.py runs it unchanged."
-        )
-        run_on_main(write_text_atomic, args=[self.run_folder(fold) / HYPERPARAMS, dump_tree(self.trees[fold], header)])
-
-    def prepare(
-        self, prepare: Callable[..., dict[str, Path]], hparams: Mapping, fold: int | None, options: Sequence[str] = ()
-    ) -> dict[str, Path]:
-        """Manifests of this fold, written by rank 0 (the others wait); checks `num_classes` against them.
-
-        `options` names more keys of `hparams` that `prepare` takes by name (a data layout's options). A null
-        `num_classes` is the data's: the class count of `classes.txt` goes into the fold's tree, which
-        `load_hparams` builds and `record_hyperparams` records; such a recipe prepares first, with
-        `fold_settings(fold)` as `hparams` (recipes/AudioFolder/train.py).
-        """
-        kwargs = {
-            "data_folder": hparams["data_folder"],
-            "save_folder": self.output_folder / MANIFESTS,
-            "few_shot_samples": hparams["few_shot_samples"],
-            "seed": hparams["seed"],
-            **{key: hparams[key] for key in options},
-        }
-        if fold is not None:
-            kwargs["fold"] = fold
-        manifests = run_on_main(prepare, kwargs=kwargs)
-        classes = read_classes(Path(manifests["train"]).parent / CLASSES_FILE)
-        if hparams["num_classes"] is None:
-            self._num_classes_from_data(fold, len(classes))
-        elif len(classes) != hparams["num_classes"]:
-            raise RecipeError(
-                f"num_classes is {hparams['num_classes']} but the prepared {self.dataset} data has "
-                f"{len(classes)} classes; set --num_classes={len(classes)}"
-            )
-        return manifests
-
     def _num_classes_from_data(self, fold: int | None, count: int) -> None:
         """The fold's null `num_classes` becomes the data's `count`; a run folder that trained another stops."""
-        record = self.run_folder(fold) / HYPERPARAMS
-        if record.is_file():
-            recorded = (ruamel.yaml.YAML().load(record.read_text(encoding="utf-8")) or {}).get("num_classes")
-            if recorded is not None and recorded != count:
-                raise RecipeError(
-                    f"{self.run_folder(fold)} trained {recorded} classes but the prepared {self.dataset} data has "
-                    f"{count}; choose another --output_folder"
-                )
+        recorded = (self._binding_record(fold) or {}).get("num_classes")
+        if recorded is not None and recorded != count:
+            raise RecipeError(
+                f"{self.run_folder(fold)} trained {recorded} classes but the prepared {self.dataset} data has "
+                f"{count}; choose another --output_folder"
+            )
         self.trees[fold]["num_classes"] = count
+
+    def record_hyperparams(self, fold: int | None) -> None:
+        """`<run>/hyperparams.yaml`: the tree that runs, self-contained (rank 0; not under `--test_only`).
+
+        Also gives the copy of train.py that `sb.create_experiment_directory` made the umask's mode.
+
+        Training on first takes the fold's result out of results.json (the run is not finished any more).
+        """
+        if self.test_only:
+            return
+        folder = self.run_folder(fold)
+        header = (
+            f"What ran in {folder}: {self.hparams_file} with its `extends:` and the command-line\n"
+            "options merged. Self-contained: hyperpyyaml.load_hyperpyyaml loads it and train.py runs it unchanged."
+        )
+        if fold in self.trained_on:
+            before = self.trained_on[fold]
+            header += (
+                f"\nTrained on: epochs 1-{before} ran first (their own learning-rate schedule); the added epochs "
+                "follow a new cosine from lr to 0, without warm-up."
+            )
+            self.say(f"{self.dataset}: training {folder} on from {before} epochs (a new cosine over the added epochs)")
+            run_on_main(self._reopen, args=[fold])
+        run_on_main(write_text_atomic, args=[folder / HYPERPARAMS, dump_tree(self.trees[fold], header)])
+        if (folder / "train.py").is_file():  # SpeechBrain's copy of the script keeps the source's mode
+            run_on_main(follow_umask, args=[folder / "train.py"])
+
+    def _reopen(self, fold: int | None) -> None:
+        """A finished fold trained on: its result leaves the folder and results.json until it finishes again."""
+        (self.run_folder(fold) / FOLD_RESULT).unlink(missing_ok=True)
+        results = self.finished_results()
+        if results:
+            write_json_atomic(self.output_folder / RESULTS, self._aggregate(results))
+        else:
+            (self.output_folder / RESULTS).unlink(missing_ok=True)
 
     def finish_fold(self, fold: int | None, brain, manifests: Mapping[str, Path]) -> dict:
         """This fold's result; written to `<run>/fold_result.json` by rank 0 unless `--test_only`."""
         best = brain.best_checkpoint()
+        if best is None:
+            raise RecipeError(f"{self.run_folder(fold)}: no validated checkpoint; nothing was trained")
         model = brain.hparams.model
         groups = model.trainable_parameter_groups()
         folder = self.run_folder(fold)
         result = {
             "fold": fold,
-            "epoch": best.meta["epoch"] if best else None,
-            "valid": {name: best.meta[name] for name in ("loss", *self.metrics)} if best else None,
+            "method": model.method.display_name,
+            "epoch": best.meta["epoch"],
+            "valid": {name: best.meta[name] for name in ("loss", *self.metrics)},
             "test": brain.test_stats,
             "classes": read_classes(Path(manifests["train"]).parent / CLASSES_FILE),
             "train_items": len(read_manifest(manifests["train"])),
+            "lr_schedule": brain.lr_schedule_epochs(),
             "parameters": {
                 "trainable": sum(groups.values()),
                 "trainable_groups": groups,
@@ -442,7 +565,9 @@ class Experiment:
             },
         }
         if self.test_only:
+            accuracy = 100 * brain.test_stats["accuracy"]
             self.say(f"{self.dataset}: test only, nothing written; test set of {folder}: {brain.test_stats}")
+            self.say(f"{self.dataset} {result['method']}: test accuracy {accuracy:.2f} % (epoch {result['epoch']})")
         else:
             run_on_main(write_json_atomic, args=[folder / FOLD_RESULT, result])
         return result
@@ -450,28 +575,38 @@ class Experiment:
     # -- results.json
 
     def finished_results(self) -> dict[str, dict]:
-        """Every finished fold under the output folder (this command's and other jobs'), by fold key."""
+        """The finished folds under the output folder (this command's and other jobs'), by fold key.
+
+        Folds waiting to be trained on (`pending`) are left out.
+        """
         folds = self.folds or (None,)
         results = {}
         for fold in folds:
             done = self.run_folder(fold) / FOLD_RESULT
-            if done.is_file():
+            if done.is_file() and fold not in self.pending:
                 results[fold_key(fold)] = json.loads(done.read_text(encoding="utf-8"))
         return results
+
+    def _aggregate(self, results: Mapping[str, dict]) -> dict:
+        return aggregate(self.dataset, self.folds, self.metrics, results, self.debug)
 
     def write_results(self) -> dict | None:
         """Aggregate the finished folds into `<output_folder>/results.json` (written by rank 0); None if none.
 
-        Every rank aggregates (so an error stops every rank alike); rank 0 writes.
+        Every rank aggregates (so an error stops every rank alike); rank 0 writes. The last line printed is the
+        test accuracy in % (mean and population std over the folds of a folded protocol).
         """
         if self.test_only:
             return None
         results = self.finished_results()
         if not results:
             return None
-        summary = aggregate(self.dataset, self.folds, self.metrics, results, self.debug)
+        summary = self._aggregate(results)
         run_on_main(write_json_atomic, args=[self.output_folder / RESULTS, summary])
         self.say(f"{self.dataset}: results of {len(results)} fold(s) in {self.output_folder / RESULTS}")
+        for fold in sorted(self.pending):
+            self.say(f"{self.dataset}: fold {fold} ran fewer epochs; train it on (--fold={fold}) to aggregate it")
+        self.say(accuracy_line(summary))
         return summary
 
     @staticmethod
@@ -479,6 +614,17 @@ class Experiment:
         """A line on the console, from rank 0 only."""
         if if_main_process():
             print(message, flush=True)
+
+
+def accuracy_line(summary: Mapping) -> str:
+    """`GSC lora: test accuracy 93.25 %`, or `ESC50 lora: test accuracy 81.00 ± 2.10 % over 5 folds`."""
+    name = f"{summary['dataset']} {summary['method']}"
+    mean, std = 100 * summary["mean"]["test"]["accuracy"], 100 * summary["std"]["test"]["accuracy"]
+    folds = len(summary["folds"])
+    if not summary["folds_missing"] and folds == 1:
+        return f"{name}: test accuracy {mean:.2f} %"
+    of = f" of {folds + len(summary['folds_missing'])}" if summary["folds_missing"] else ""
+    return f"{name}: test accuracy {mean:.2f} ± {std:.2f} % over {folds}{of} folds"
 
 
 def _mean_std(results: Sequence[dict], split: str, names: Sequence[str]) -> tuple[dict, dict]:
@@ -522,7 +668,7 @@ def aggregate(
     all_folds = [str(k) for k in folds] if folds else ["official"]
     return {
         "dataset": dataset,
-        "method": settings.get("method_name"),
+        "method": ordered[0].get("method", settings.get("method_name")),
         "backbone": settings.get("backbone"),
         "backbone_source": settings.get("backbone_source"),
         "few_shot_samples": settings.get("few_shot_samples"),

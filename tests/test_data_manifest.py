@@ -95,14 +95,23 @@ def test_prepare_once_reuses_only_matching_complete_preparations(tmp_path: Path)
     assert build.calls == 4
 
 
-def test_a_failed_rebuild_never_leaves_stale_options(tmp_path: Path) -> None:
+def test_a_failed_rebuild_leaves_the_previous_preparation_whole(tmp_path: Path) -> None:
+    """The data is read (and checked) before anything is written: a rebuild that fails there leaves the folder
+    as the last complete preparation wrote it, options and manifests together."""
     build = _Builder()
     prepare_once(tmp_path, {"fold": 1}, build)
+    files = {path.name: path.read_text() for path in tmp_path.iterdir()}
     with pytest.raises(RuntimeError):
         prepare_once(tmp_path, {"fold": 2}, _Builder(fail=True))
-    assert not (tmp_path / OPTIONS_FILE).exists()
+    assert {path.name: path.read_text() for path in tmp_path.iterdir()} == files
     prepare_once(tmp_path, {"fold": 1}, build)
-    assert build.calls == 2
+    assert build.calls == 1  # reused
+
+
+def test_a_failed_first_preparation_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        prepare_once(tmp_path / "manifests", {"fold": 1}, _Builder(fail=True))
+    assert not (tmp_path / "manifests").exists()
 
 
 def test_prepare_once_rejects_an_empty_split(tmp_path: Path) -> None:

@@ -201,9 +201,10 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(workspace, tmp_path):
     reference = json.loads((tmp_path / "reference" / RESULTS).read_text())
     resumed = json.loads((tmp_path / "resumed" / RESULTS).read_text())
     assert resumed["folds"]["official"]["test"] == reference["folds"]["official"]["test"]
-    # The standard fit() path sizes the cosine schedule from its train loader: half way, lr = 0.05 / 2.
+    # The standard fit() path sizes the cosine schedule from its train loader: epoch 2 starts half way down,
+    # lr = 0.05 / 2 (`lr` is the learning rate of the epoch's first step).
     log = (tmp_path / "reference" / "train_log.txt").read_text()
-    assert "epoch: 1, lr: 2.50e-02" in log and "epoch: 2, lr: 0.00e+00" in log
+    assert "epoch: 1, lr: 5.00e-02" in log and "epoch: 2, lr: 2.50e-02" in log
 
     outcome, steps = run(resumed_args, "again")  # a finished run is not trained again
     assert outcome["code"] == 0 and steps == []

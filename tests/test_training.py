@@ -77,6 +77,33 @@ def test_warmup_rises_linearly_then_decays():
         make_schedule(total_steps=4, warmup_steps=4)
 
 
+def lrs_after_resuming(saved_at: int, first_total: int, total: int, tmp_path, warmup_steps: int = 0) -> list[float]:
+    """Steps `saved_at` times in a `first_total`-step schedule, saves, reloads into a `total`-step one, then
+    returns the learning rates of every step from the one after the save to the end."""
+    schedule = make_schedule(first_total, warmup_steps)
+    for _ in range(saved_at):
+        schedule.step()
+    schedule.save(tmp_path / f"at{saved_at}.ckpt")
+    resumed = make_schedule(total, warmup_steps)
+    resumed.load(tmp_path / f"at{saved_at}.ckpt", end_of_epoch=True)
+    lrs = [resumed.lr]
+    for _ in range(total - saved_at - 1):
+        resumed.step()
+        lrs.append(resumed.lr)
+    return lrs
+
+
+def test_training_on_adds_a_new_cosine_and_keeps_the_recorded_one(tmp_path):
+    """4 steps with warm-up 1, then 4 more: steps 4..7 follow 0.1 * (1 + cos(pi k / 4)) / 2, k = 0..3, without
+    warm-up; a run saved at step 2 of the 4 and resumed with 8 follows the same learning rates."""
+    new_cosine = [0.05 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs_after_resuming(4, 4, 8, tmp_path, warmup_steps=1) == pytest.approx(new_cosine)
+    first_cosine = [0.05 * (1 + math.cos(math.pi * (step - 1) / 3)) for step in (2, 3)]  # warm-up: step 0
+    assert lrs_after_resuming(2, 4, 8, tmp_path, warmup_steps=1) == pytest.approx(first_cosine + new_cosine)
+    with pytest.raises(ValueError, match="ran 4 steps, this run has 3"):
+        lrs_after_resuming(2, 4, 3, tmp_path)
+
+
 @register_checkpoint_hooks
 class Failing:
     """A recoverable whose save dies half way, like a run killed while checkpointing."""

@@ -8,7 +8,7 @@ import torchaudio
 from torch import nn
 from transformers import ASTModel
 
-from .base import Backbone
+from .base import Backbone, OptionError
 from .loading import load_pretrained, read_preprocessor_config
 
 DEFAULT_AST_SOURCE = "MIT/ast-finetuned-audioset-10-10-0.4593"
@@ -146,7 +146,7 @@ class ASTBackbone(Backbone):
     def _set_target_length(self, target_length: int) -> None:
         config = self.model.config
         if target_length < config.patch_size:
-            raise ValueError(f"target_length must be at least the patch size {config.patch_size}; got {target_length}")
+            raise OptionError(f"target_length must be at least the patch size {config.patch_size}; got {target_length}")
         embeddings = self.model.embeddings
         old_shape = patch_grid_shape(config, config.max_length)
         new_shape = patch_grid_shape(config, target_length)

@@ -15,6 +15,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+class OptionError(ValueError):
+    """An option of a backbone, a method or the model is out of its range; the message names it and what it takes."""
+
+
 @dataclass
 class ForwardState:
     """Per-forward facts shared with injected modules that need them (not a module: no parameters).

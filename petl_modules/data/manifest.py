@@ -166,10 +166,10 @@ def prepare_once(
     if reused is not None:
         logger.info("Reusing data preparation in %s", folder)
         return reused
+    logger.info("Preparing data in %s", folder)
+    splits = build()  # reads and checks the data: a wrong layout stops here, before anything is written
     folder.mkdir(parents=True, exist_ok=True)
     (folder / OPTIONS_FILE).unlink(missing_ok=True)
-    logger.info("Preparing data in %s", folder)
-    splits = build()
     manifests: dict[str, Path] = {}
     labels: set[str] = set()
     for split, rows in splits.items():

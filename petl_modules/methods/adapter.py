@@ -98,6 +98,10 @@ class Adapter(Method):
         self.adapter_block = choice("adapter_block", adapter_block, BLOCKS)
         self.kernel_size = positive_int("kernel_size", kernel_size)
 
+    @property
+    def display_name(self) -> str:
+        return "conformer_adapter" if self.adapter_block == "conformer" else self.name
+
     def apply(self, backbone: Backbone) -> None:
         bottleneck = bottleneck_size(backbone.hidden_size, self.reduction_rate)
         wrap_sublayers(

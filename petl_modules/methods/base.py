@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, OptionError
 
 
 class PETLModule(nn.Module):
@@ -26,6 +26,13 @@ class Method:
 
     name = "method"
     trains_backbone = False
+
+    @property
+    def display_name(self) -> str:
+        """The name results, reports and exports give what was trained: `name`, or the variant's where the
+        papers name one (the conformer adapter). Never a free-text key of the configuration.
+        """
+        return self.name
 
     def apply(self, backbone: Backbone) -> None:
         raise NotImplementedError
@@ -47,25 +54,25 @@ def choice(key: str, value: str, allowed: Iterable[str]) -> str:
     for option in allowed:
         if isinstance(value, str) and value.lower() == option.lower():
             return option
-    raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+    raise OptionError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def flag(key: str, value: bool) -> bool:
     """A real boolean: the string "False" must never count as true."""
     if not isinstance(value, bool):
-        raise ValueError(f"{key} must be True or False; got {value!r}")
+        raise OptionError(f"{key} must be True or False; got {value!r}")
     return value
 
 
 def positive_int(key: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be a positive integer; got {value!r}")
+        raise OptionError(f"{key} must be a positive integer; got {value!r}")
     return value
 
 
 def probability(key: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"{key} must be a number in [0, 1); got {value!r}")
+        raise OptionError(f"{key} must be a number in [0, 1); got {value!r}")
     return float(value)
 
 

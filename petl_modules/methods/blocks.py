@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from ..backbones.base import OptionError
 from .base import PETLModule, choice
 
 BLOCKS = ("bottleneck", "conformer")
@@ -53,7 +54,7 @@ class ConformerBlock(PETLModule):
     def __init__(self, hidden_size: int, bottleneck: int, kernel_size: int = 31) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd integer; got {kernel_size!r}")
+            raise OptionError(f"kernel_size must be a positive odd integer; got {kernel_size!r}")
         self.norm = nn.LayerNorm(hidden_size)
         self.pointwise_in = nn.Linear(hidden_size, 2 * bottleneck)
         self.glu = nn.GLU(dim=-1)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, OptionError
 from .base import Method, PETLModule, bottleneck_size, choice, positive_int, probability
 
 PROJECTIONS = ("q", "k", "v", "o")
@@ -84,12 +84,12 @@ class LoRA(Method):
     ) -> None:
         self.reduction_rate = positive_int("reduction_rate", reduction_rate)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-            raise ValueError(f"alpha must be a positive number; got {alpha!r}")
+            raise OptionError(f"alpha must be a positive number; got {alpha!r}")
         self.alpha = alpha
         targets = tuple(targets)
         unknown = [target for target in targets if target not in PROJECTIONS]
         if not targets or unknown:
-            raise ValueError(f"targets must be a non-empty list of {', '.join(PROJECTIONS)}; got {list(targets)}")
+            raise OptionError(f"targets must be a non-empty list of {', '.join(PROJECTIONS)}; got {list(targets)}")
         self.targets = targets
         self.dropout = probability("dropout", dropout)
         self.scaling = choice("scaling", scaling, SCALINGS)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, OptionError
 from .base import Method, flag
 
 
@@ -37,7 +37,7 @@ class FullFineTuning(Method):
             or not isinstance(num_trainable_layers, int)
             or num_trainable_layers < 1
         ):
-            raise ValueError(f"num_trainable_layers must be null or a positive integer; got {num_trainable_layers!r}")
+            raise OptionError(f"num_trainable_layers must be null or a positive integer; got {num_trainable_layers!r}")
         self.num_trainable_layers = num_trainable_layers
 
     def apply(self, backbone: Backbone) -> None:

@@ -7,14 +7,16 @@
 
 (from this folder, or from the repository root with recipes/AudioFolder/ before both paths; multi-GPU: torchrun).
 See README.md beside this file for the layouts and the split, and the repository's README for the shared options.
-Unlike the other recipes, the data is prepared before the model is built: `num_classes` (null in
-hparams/audiofolder.yaml) becomes the prepared data's class count, and the run's hyperparams.yaml records it.
+`num_classes` (null in hparams/audiofolder.yaml) becomes the prepared data's class count, and the run's
+hyperparams.yaml records it.
 """
 
 import sys
+from pathlib import Path
 
 import speechbrain as sb
 from audiofolder_prepare import prepare_audiofolder
+from speechbrain.utils.distributed import run_on_main
 
 from petl_modules.recipe import Experiment, build_datasets, input_loader, recipe_errors
 from petl_modules.training import BASE_METRICS, PETLBrain, extra_train_loggers
@@ -29,17 +31,30 @@ if __name__ == "__main__":
     sb.utils.distributed.ddp_init_group(run_opts)  # torchrun: one process per device
 
     with recipe_errors(DATASET):  # a wrong option, file or data folder: one line, exit status 1
-        # Settings checked (and reruns of finished folds found) before anything is written.
-        experiment = Experiment(DATASET, hparams_file, overrides, run_opts, folds=FOLDS, metrics=METRICS)
+        # Settings checked (and reruns of finished folds found) before anything is written; a hyperparameter
+        # file that is not found as given is looked up in this recipe's folder.
+        experiment = Experiment(DATASET, hparams_file, overrides, run_opts, FOLDS, METRICS, Path(__file__).parent)
         for fold in experiment.folds_to_run():
-            sb.create_experiment_directory(experiment_directory=str(experiment.run_folder(fold)))
-
-            # Data preparation first, on the main process only: classes.txt fixes the label order and, with
-            # num_classes null, the class count of the model built next.
-            manifests = experiment.prepare(prepare_audiofolder, experiment.fold_settings(fold), fold, PREPARE_OPTIONS)
-            hparams = experiment.load_hparams(fold)
-            experiment.record_hyperparams(fold)
-            datasets = build_datasets(manifests, input_loader(hparams, experiment.feature_cache_folder))
+            # Data preparation on the main process only (the others wait); classes.txt fixes the label order.
+            settings = experiment.fold_settings(fold)
+            manifests = run_on_main(
+                prepare_audiofolder,
+                kwargs={
+                    "data_folder": settings["data_folder"],
+                    "save_folder": experiment.manifest_folder,
+                    "few_shot_samples": settings["few_shot_samples"],
+                    "seed": settings["seed"],
+                    **{key: settings[key] for key in PREPARE_OPTIONS},
+                },
+            )
+            # The model, with num_classes from the data (when null); then the run is recorded. --test_only reads a
+            # trained run and writes nothing.
+            hparams = experiment.load_hparams(fold, manifests)
+            if not experiment.test_only:
+                sb.create_experiment_directory(experiment_directory=hparams["output_folder"])
+                experiment.record_hyperparams(fold)
+            loader = input_loader(hparams, experiment.feature_cache_folder, read_only=experiment.test_only)
+            datasets = build_datasets(manifests, loader)
 
             brain = PETLBrain(
                 modules={"model": hparams["model"]},

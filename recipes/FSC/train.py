@@ -9,9 +9,11 @@ See README.md beside this file for the protocol, and the repository's README for
 """
 
 import sys
+from pathlib import Path
 
 import speechbrain as sb
 from fsc_prepare import prepare_fsc
+from speechbrain.utils.distributed import run_on_main
 
 from petl_modules.recipe import Experiment, build_datasets, input_loader, recipe_errors
 from petl_modules.training import BASE_METRICS, PETLBrain, extra_train_loggers
@@ -25,16 +27,29 @@ if __name__ == "__main__":
     sb.utils.distributed.ddp_init_group(run_opts)  # torchrun: one process per device
 
     with recipe_errors(DATASET):  # a wrong option, file or data folder: one line, exit status 1
-        # Settings checked (and reruns of finished folds found) before anything is written.
-        experiment = Experiment(DATASET, hparams_file, overrides, run_opts, folds=FOLDS, metrics=METRICS)
+        # Settings checked (and reruns of finished folds found) before anything is written; a hyperparameter
+        # file that is not found as given is looked up in this recipe's folder.
+        experiment = Experiment(DATASET, hparams_file, overrides, run_opts, FOLDS, METRICS, Path(__file__).parent)
         for fold in experiment.folds_to_run():
-            hparams = experiment.load_hparams(fold)
-            sb.create_experiment_directory(experiment_directory=hparams["output_folder"])
-            experiment.record_hyperparams(fold)
-
-            # Data preparation on the main process only; the manifests' classes.txt fixes the label order.
-            manifests = experiment.prepare(prepare_fsc, hparams, fold)
-            datasets = build_datasets(manifests, input_loader(hparams, experiment.feature_cache_folder))
+            # Data preparation on the main process only (the others wait); classes.txt fixes the label order.
+            settings = experiment.fold_settings(fold)
+            manifests = run_on_main(
+                prepare_fsc,
+                kwargs={
+                    "data_folder": settings["data_folder"],
+                    "save_folder": experiment.manifest_folder,
+                    "few_shot_samples": settings["few_shot_samples"],
+                    "seed": settings["seed"],
+                },
+            )
+            # The model, once the data is known to match num_classes; then the run is
+            # recorded. --test_only reads a trained run and writes nothing.
+            hparams = experiment.load_hparams(fold, manifests)
+            if not experiment.test_only:
+                sb.create_experiment_directory(experiment_directory=hparams["output_folder"])
+                experiment.record_hyperparams(fold)
+            loader = input_loader(hparams, experiment.feature_cache_folder, read_only=experiment.test_only)
+            datasets = build_datasets(manifests, loader)
 
             brain = PETLBrain(
                 modules={"model": hparams["model"]},
