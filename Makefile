@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)
 test: export HF_HUB_OFFLINE = 1
 
 demo:
-	@PY=$$(scripts/env.sh) && $$PY -m petl_modules.demo
+	@PY=$$(scripts/env.sh) && $$PY -m petl_apps.demo
 
 test:
 	@PY=$$(scripts/env.sh) && $$PY -m pytest -q tests

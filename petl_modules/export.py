@@ -46,11 +46,11 @@ import torch
 
 from .atomic import follow_umask, staging_folder, write_json_atomic
 from .backbones import DEFAULT_AST_SOURCE, DEFAULT_WAV2VEC2_SOURCE, ASTBackbone, BackboneLoadError
-from .hparams_loader import HparamsError
+from .hparams_loader import HparamsError, plain_options
 from .inference import TRAINED_FILE, AudioClassifier, save_trainable, write_inference_folder
 from .methods import LoRALinear
 from .model import PETLModel
-from .run_folder import EXPORT_INFO, InferenceError, is_export, locate_run, plain_options, read_tree
+from .run_folder import EXPORT_INFO, InferenceError, is_export, locate_run, read_tree
 
 FORMATS = ("speechbrain", "peft")
 MERGED_BACKBONE = "backbone"

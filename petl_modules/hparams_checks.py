@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .backbones import BACKBONES
-from .hparams_loader import HparamsError
+from .hparams_loader import HparamsError, is_expression
 from .model import POOLINGS
 
 
@@ -82,11 +82,6 @@ RULES: dict[str, Rule] = {
     "prefix_len": POSITIVE_INT,
     "num_trainable_layers": Rule(POSITIVE_INT.description, POSITIVE_INT.accepts, nullable=True),
 }
-
-
-def is_expression(value: object) -> bool:
-    """A value `recipe.plain` left as `[tag, value]`: an `!apply:` or object the files build."""
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0].startswith("!")
 
 
 def check_settings(settings: Mapping[str, object], rules: Mapping[str, Rule] = RULES) -> None:

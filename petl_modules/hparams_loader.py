@@ -24,12 +24,12 @@ Invariants:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from io import StringIO
 from pathlib import Path
 
 import ruamel.yaml
-from hyperpyyaml import load_hyperpyyaml
+from hyperpyyaml import load_hyperpyyaml, resolve_references
 from ruamel.yaml.constructor import DuplicateKeyError
 
 LIBRARY_HPARAMS = Path(__file__).resolve().parent / "hparams"
@@ -205,3 +205,88 @@ def load_hparams(
     Returns the loaded hyperparameters (objects instantiated), as `load_hyperpyyaml` does.
     """
     return load_tree(compose_tree(path, overrides, defaults))
+
+
+# --- reading a tree: plain values, resolved settings, differences, what a key needs ----------------------
+
+REFERENCE = re.compile(r"!(?:ref|copy)\s+([^\n]*)")
+NAME = re.compile(r"<([^<>\[\]./\s]+)")
+
+
+def load_yaml(path: str | Path) -> dict:
+    """One YAML file as a tree (tags kept, `extends:` not followed), e.g. a run's recorded hyperparams.yaml."""
+    return _yaml().load(Path(path).read_text(encoding="utf-8")) or {}
+
+
+def plain(node: object) -> object:
+    """A ruamel tree as plain Python (comments dropped; a tagged node becomes [tag, value]), for comparison.
+
+    The one converter from YAML nodes to Python values; `is_expression` tells the tagged ones.
+    """
+    tag = _tag(node)
+    if isinstance(node, Mapping):
+        value = {str(key): plain(item) for key, item in node.items()}
+    elif isinstance(node, list):
+        value = [plain(item) for item in node]
+    elif isinstance(node, bool | None):
+        return node
+    elif isinstance(node, int):
+        value = int(node)
+    elif isinstance(node, float):
+        value = float(node)
+    else:
+        value = str(getattr(node, "value", node))
+    return [tag, value] if tag is not None else value
+
+
+def is_expression(value: object) -> bool:
+    """A value `plain` left as `[tag, value]`: an `!apply:`, `!ref` or object the files build."""
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0].startswith("!")
+
+
+def resolved_settings(tree: Mapping) -> dict:
+    """The top-level scalar values of a composed tree with every `!ref` resolved (nothing instantiated)."""
+    resolved = _yaml().load(resolve_references(StringIO(dump_tree(tree))).getvalue()) or {}
+    return {key: plain(value) for key, value in resolved.items() if not isinstance(plain(value), dict | list)}
+
+
+def differing_keys(recorded: Mapping, wanted: Mapping) -> list[str]:
+    """Keys whose values differ between two trees (as `plain` sees them)."""
+    recorded, wanted = plain(recorded), plain(wanted)
+    return sorted(key for key in set(recorded) | set(wanted) if recorded.get(key) != wanted.get(key))
+
+
+def references(value: object) -> set[str]:
+    """Top-level keys a YAML value refers to with `!ref <key...>` or `!copy <key...>`."""
+    names: set[str] = set()
+    for expression in REFERENCE.findall(dump_tree({"value": value})):
+        names.update(NAME.findall(expression))
+    return names
+
+
+def closure(tree: Mapping, roots: Iterable[str]) -> list[str]:
+    """The keys of `tree` that `roots` need (themselves included, transitively), in the tree's order."""
+    needed: set[str] = set()
+    pending = [root for root in roots if root in tree]
+    while pending:
+        key = pending.pop()
+        if key not in needed:
+            needed.add(key)
+            pending.extend(name for name in references(tree[key]) if name in tree)
+    return [key for key in tree if key in needed]
+
+
+def value_of(tree: Mapping, key: str) -> object:
+    """A top-level value of a composed tree, evaluated (`!ref`, `!apply:`) from the keys it needs alone."""
+    return load_tree({name: tree[name] for name in closure(tree, [key])})[key]
+
+
+def plain_options(tree: Mapping, root: str) -> dict:
+    """The untagged scalar and list values `root` depends on (a method's options, for the record)."""
+    options = {}
+    for key in closure(tree, [root]):
+        value = plain(tree[key])
+        items = value if isinstance(value, list) and not is_expression(value) else [value]
+        if not any(is_expression(item) or isinstance(item, dict | list) for item in items):
+            options[key] = value
+    return options

@@ -38,8 +38,9 @@ from speechbrain.utils.checkpoints import mark_as_loader, register_checkpoint_ho
 from .atomic import atomic_path, write_text_atomic
 from .backbones import ASTBackbone
 from .data import read_audio
+from .hparams_loader import closure, dump_tree
 from .model import PETLModel
-from .run_folder import HPARAMS_FILE, InferenceError, closure, dump, is_export, locate_run, read_tree
+from .run_folder import HPARAMS_FILE, InferenceError, is_export, locate_run, read_tree
 
 TRAINED_FILE = "trained.safetensors"
 LABEL_ENCODER_FILE = "label_encoder.txt"
@@ -144,7 +145,7 @@ def write_inference_folder(
     tree = ruamel.yaml.comments.CommentedMap(tree)
     tree.update(ruamel.yaml.YAML().load(f"pretrained_path: {json.dumps(str(pretrained_path))}\n{replacements}"))
     keys = ["pretrained_path", *(key for key in closure(tree, ["model"]) if key != "pretrained_path")]
-    body = dump(ruamel.yaml.comments.CommentedMap((key, tree[key]) for key in keys))
+    body = dump_tree(ruamel.yaml.comments.CommentedMap((key, tree[key]) for key in keys))
     trained = json.dumps(trained) if trained else f"!ref <pretrained_path>/{TRAINED_FILE}"
     block = INFERENCE_BLOCK.format(strict=strict, trained=trained, label_encoder=LABEL_ENCODER_FILE)
     write_text_atomic(folder / HPARAMS_FILE, header + body + block)

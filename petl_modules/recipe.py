@@ -1,18 +1,27 @@
-"""The pieces every `recipes/<DS>/train.py` shares; the flow itself is in train.py, as in SpeechBrain recipes.
+"""The recipe runtime every `recipes/<DS>/train.py` shares; the flow itself is in train.py, as in SpeechBrain.
 
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
     sb.utils.distributed.ddp_init_group(run_opts)
-    with recipe_errors(DATASET):
-        experiment = Experiment(DATASET, hparams_file, overrides, run_opts, folds=FOLDS)
-        for fold in experiment.folds_to_run():
-            hparams = experiment.load_hparams(fold)
-            sb.create_experiment_directory(experiment_directory=hparams["output_folder"])
-            experiment.record_hyperparams(fold)
-            manifests = experiment.prepare(prepare_<ds>, hparams, fold)   # rank 0 writes, the others wait
-            datasets = build_datasets(manifests, input_loader(hparams, experiment.feature_cache_folder))
+    with recipe_errors(DATASET):                                   # user errors: one line, exit status 1
+        plan = RecipePlan(DATASET, hparams_file, overrides, run_opts, FOLDS, METRICS, Path(__file__).parent)
+        if plan.debug:
+            run_on_main(shutil.rmtree, args=[plan.output_folder], kwargs={"ignore_errors": True})
+        ddp_barrier()
+        record = RunRecord(plan)
+        for fold in plan.folds_to_run():
+            settings = plan.fold_settings(fold)
+            manifests = run_on_main(prepare_<ds>, kwargs={"data_folder": settings["data_folder"], ...})
+            hparams = plan.load_hparams(fold, manifests)           # the data checked against num_classes
+            if not plan.test_only:
+                sb.create_experiment_directory(experiment_directory=hparams["output_folder"])
+                record.record_hyperparams(fold)
+            datasets = build_datasets(manifests, input_loader(hparams, plan.feature_cache_folder, ...))
             brain = PETLBrain(...); brain.fit(...); brain.evaluate(...)
-            experiment.finish_fold(fold, brain, manifests)
-        experiment.write_results()
+            record.finish_fold(fold, brain, manifests)
+        record.write_results()
+
+`RecipePlan` is the command composed once and checked, writing nothing; `RunRecord` writes what the command
+leaves (rank 0; the other ranks wait). Every operation on the configuration tree is `hparams_loader`'s.
 
 Invariants:
 - One training run per fold in `<output_folder>/fold<k>/` (`<output_folder>/` for single-split datasets). A run
@@ -20,9 +29,9 @@ Invariants:
   `train_log.txt` and, once finished, `fold_result.json`. `<output_folder>/results.json` aggregates every
   finished fold found there (mean and population std over folds), whichever job ran it.
 - Honest reruns: a finished fold with the same settings is skipped (the console says where its result is); a
-  run folder whose recorded settings differ from the command's stops the recipe, naming the keys, before
-  anything is written. Folds that ran with different settings are never aggregated.
-- `--test_only` needs a checkpoint and writes no result; `--debug` runs in `<output_folder>/debug/`, afresh.
+  run folder that trained other settings stops the recipe, naming the keys, before anything is written; more
+  `number_of_epochs` alone trains it on. Folds that ran with different settings are never aggregated.
+- `--test_only` needs a checkpoint and writes nothing; `--debug` runs in `<output_folder>/debug/`, afresh.
 - Under DDP (torchrun) every rank runs the same flow; rank 0 alone writes files, the others wait for it.
 """
 
@@ -31,27 +40,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from io import StringIO
 from pathlib import Path
 
-import ruamel.yaml
 import speechbrain as sb
 import torch
-from hyperpyyaml import resolve_references
 from speechbrain.dataio.dataset import DynamicItemDataset
-from speechbrain.utils.distributed import ddp_barrier, if_main_process, run_on_main
+from speechbrain.utils.distributed import if_main_process, run_on_main
 from speechbrain.utils.seed import seed_everything
 
 from .atomic import follow_umask, write_json_atomic, write_text_atomic
 from .backbones import ASTBackbone, BackboneLoadError
 from .backbones.base import OptionError
-from .commands import REPO_ROOT
 from .data import (
     CLASSES_FILE,
     AudioError,
@@ -63,9 +67,20 @@ from .data import (
 )
 from .data.embedding_cache import EmbeddingCache
 from .hparams_checks import RULES, check_settings, one_of
-from .hparams_loader import HparamsError, compose_tree, dump_tree, load_tree, parse_overrides, placeholders
+from .hparams_loader import (
+    HparamsError,
+    compose_tree,
+    differing_keys,
+    dump_tree,
+    load_tree,
+    load_yaml,
+    parse_overrides,
+    placeholders,
+    plain,
+    resolved_settings,
+    value_of,
+)
 from .linear_cached import recipe_cache_blocker
-from .run_folder import closure
 from .training import BASE_METRICS, MetricFn, missing_optional_packages
 
 logger = logging.getLogger(__name__)
@@ -102,14 +117,17 @@ def recipe_errors(dataset: str) -> Iterator[None]:
         sys.exit(f"{dataset} recipe: error: {error}")
 
 
-def git_revision() -> str | None:
-    """The commit of this checkout (with `+dirty` when modified), None outside a git checkout."""
+def git_revision(folder: str | Path) -> str | None:
+    """The commit of the git checkout holding `folder` (a recipe's own folder), `+dirty` when modified; None
+    outside a git checkout.
+    """
+    git = ["git", "-C", str(folder)]
     try:
         revision = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            [*git, "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,
             check=True,
@@ -214,40 +232,6 @@ def build_datasets(
     }
 
 
-# --- settings -----------------------------------------------------------------------------------
-
-
-def plain(node: object) -> object:
-    """A ruamel tree as plain Python (comments dropped; a tagged node becomes [tag, value]), for comparison."""
-    tag = getattr(getattr(node, "tag", None), "value", None)
-    if isinstance(node, Mapping):
-        value = {str(key): plain(item) for key, item in node.items()}
-    elif isinstance(node, list):
-        value = [plain(item) for item in node]
-    elif isinstance(node, (bool, type(None))):
-        return node
-    elif isinstance(node, int):
-        value = int(node)
-    elif isinstance(node, float):
-        value = float(node)
-    else:
-        value = str(getattr(node, "value", node))
-    return [tag, value] if isinstance(tag, str) and tag.startswith("!") else value
-
-
-def resolved_settings(tree: Mapping) -> dict:
-    """The top-level scalar values of a composed tree with every `!ref` resolved (nothing instantiated)."""
-    text = resolve_references(StringIO(dump_tree(tree))).getvalue()
-    resolved = ruamel.yaml.YAML().load(text) or {}
-    return {key: plain(value) for key, value in resolved.items() if not isinstance(plain(value), (dict, list))}
-
-
-def differing_keys(recorded: Mapping, wanted: Mapping) -> list[str]:
-    """Keys whose values differ between two trees (as `plain` sees them)."""
-    recorded, wanted = plain(recorded), plain(wanted)
-    return sorted(key for key in set(recorded) | set(wanted) if recorded.get(key) != wanted.get(key))
-
-
 # --- the experiment -----------------------------------------------------------------------------
 
 
@@ -295,23 +279,20 @@ def check_method(tree: Mapping) -> None:
         raise RecipeError(f"{name}: {error} (the method's options: hparams/methods/*.yaml)") from None
 
 
-def value_of(tree: Mapping, key: str) -> object:
-    """A top-level value of a composed tree, evaluated (`!ref`, `!apply:`) from the keys it needs alone."""
-    return load_tree({name: tree[name] for name in closure(tree, [key])})[key]
-
-
 def has_checkpoint(save_folder: Path) -> bool:
     return any(save_folder.glob("CKPT+*"))
 
 
-class Experiment:
-    """One recipe command: its settings, the folds it runs, their records and results.json.
+class RecipePlan:
+    """What one recipe command will do, composed once and written nowhere: its settings, the folds it runs and
+    each fold's tree, which folds are finished, trained on or waiting to be.
 
     Everything that can be wrong with the command itself (options and their values, the device, placeholders,
     the data folder, optional packages, reruns with other settings, `--test_only` without checkpoint) is
     checked here, before anything is written; the data is checked against the settings by `load_hparams`,
     before the run is recorded. A run folder's `hyperparams.yaml` binds only once the run has trained (a
-    checkpoint or `fold_result.json`): a start that failed earlier is overwritten by the next command.
+    checkpoint or `fold_result.json`): a start that failed earlier is overwritten by the next command. A
+    `--debug` run is planned in a fresh `<output_folder>/debug/`, which train.py empties before it starts.
     """
 
     def __init__(
@@ -325,6 +306,7 @@ class Experiment:
         recipe_folder: str | Path | None = None,
     ) -> None:
         self.dataset = dataset
+        self.recipe_folder = recipe_folder
         self.hparams_file = str(find_hparams_file(hparams_file, recipe_folder))
         self.folds = tuple(folds)
         self.metrics = {**BASE_METRICS, **(metrics or {})}
@@ -349,12 +331,11 @@ class Experiment:
         self.output_folder = output_folder / DEBUG_FOLDER if self.debug else output_folder
         self.selected = select_folds(dataset, self.folds, self.settings.get("fold", "all"))
         self.trees = {fold: self._fold_tree(fold) for fold in self.selected}
-        if self.debug:  # a throw-away run: never resumed, never mixed with real results
-            run_on_main(shutil.rmtree, args=[self.output_folder], kwargs={"ignore_errors": True})
+        if self.debug and self.test_only:
+            raise RecipeError("--test_only with --debug: a debug run starts afresh, with no checkpoint to test")
         self.trained_on: dict[int | None, object] = {}  # fold -> the epochs its record ran, when training on
         self.finished = {fold: self._check_rerun(fold) for fold in self.selected}
         self.pending = self._check_other_folds()
-        ddp_barrier()  # every rank has looked at the folders before rank 0 writes in them
 
     # -- planning
 
@@ -386,9 +367,9 @@ class Experiment:
         folder = self.run_folder(fold)
         record = folder / HYPERPARAMS
         save_folder = Path(str(resolved_settings(self._fold_tree(fold))["save_folder"]))
-        if not record.is_file() or not ((folder / FOLD_RESULT).is_file() or has_checkpoint(save_folder)):
+        if self.debug or not record.is_file() or not ((folder / FOLD_RESULT).is_file() or has_checkpoint(save_folder)):
             return None
-        return ruamel.yaml.YAML().load(record.read_text(encoding="utf-8")) or {}
+        return load_yaml(record)
 
     @staticmethod
     def _differences(recorded: Mapping, tree: Mapping) -> list[str]:
@@ -458,7 +439,7 @@ class Experiment:
         """The selected folds that still need training (all of them with `--test_only`)."""
         for fold in self.selected:
             if self.finished[fold]:
-                self.say(
+                say(
                     f"{self.dataset}: {self.run_folder(fold)} is finished with these settings: "
                     f"{self.run_folder(fold) / FOLD_RESULT}, aggregated in {self.output_folder / RESULTS}"
                 )
@@ -499,54 +480,63 @@ class Experiment:
             )
         self.trees[fold]["num_classes"] = count
 
+
+class RunRecord:
+    """What one recipe command writes, on rank 0 (the other ranks wait): each fold's `hyperparams.yaml` before
+    it trains, its `fold_result.json` once tested, and `<output_folder>/results.json` over the finished folds.
+    Under `--test_only` nothing is written.
+    """
+
+    def __init__(self, plan: RecipePlan) -> None:
+        self.plan = plan
+
     def record_hyperparams(self, fold: int | None) -> None:
         """`<run>/hyperparams.yaml`: the tree that runs, self-contained (rank 0; not under `--test_only`).
 
-        Also gives the copy of train.py that `sb.create_experiment_directory` made the umask's mode.
-
-        Training on first takes the fold's result out of results.json (the run is not finished any more).
+        Training on first takes the fold's result out of results.json (the run is not finished any more). The
+        copy of train.py that `sb.create_experiment_directory` made gets the umask's mode.
         """
-        if self.test_only:
+        if self.plan.test_only:
             return
-        folder = self.run_folder(fold)
+        folder = self.plan.run_folder(fold)
         header = (
-            f"What ran in {folder}: {self.hparams_file} with its `extends:` and the command-line\n"
+            f"What ran in {folder}: {self.plan.hparams_file} with its `extends:` and the command-line\n"
             "options merged. Self-contained: hyperpyyaml.load_hyperpyyaml loads it and train.py runs it unchanged."
         )
-        if fold in self.trained_on:
-            before = self.trained_on[fold]
+        if fold in self.plan.trained_on:
+            before = self.plan.trained_on[fold]
             header += (
                 f"\nTrained on: epochs 1-{before} ran first (their own learning-rate schedule); the added epochs "
                 "follow a new cosine from lr to 0, without warm-up."
             )
-            self.say(f"{self.dataset}: training {folder} on from {before} epochs (a new cosine over the added epochs)")
+            say(f"{self.plan.dataset}: training {folder} on from {before} epochs (a new cosine over the added epochs)")
             run_on_main(self._reopen, args=[fold])
-        run_on_main(write_text_atomic, args=[folder / HYPERPARAMS, dump_tree(self.trees[fold], header)])
+        run_on_main(write_text_atomic, args=[folder / HYPERPARAMS, dump_tree(self.plan.trees[fold], header)])
         if (folder / "train.py").is_file():  # SpeechBrain's copy of the script keeps the source's mode
             run_on_main(follow_umask, args=[folder / "train.py"])
 
     def _reopen(self, fold: int | None) -> None:
         """A finished fold trained on: its result leaves the folder and results.json until it finishes again."""
-        (self.run_folder(fold) / FOLD_RESULT).unlink(missing_ok=True)
+        (self.plan.run_folder(fold) / FOLD_RESULT).unlink(missing_ok=True)
         results = self.finished_results()
         if results:
-            write_json_atomic(self.output_folder / RESULTS, self._aggregate(results))
+            write_json_atomic(self.plan.output_folder / RESULTS, self._aggregate(results))
         else:
-            (self.output_folder / RESULTS).unlink(missing_ok=True)
+            (self.plan.output_folder / RESULTS).unlink(missing_ok=True)
 
     def finish_fold(self, fold: int | None, brain, manifests: Mapping[str, Path]) -> dict:
         """This fold's result; written to `<run>/fold_result.json` by rank 0 unless `--test_only`."""
         best = brain.best_checkpoint()
         if best is None:
-            raise RecipeError(f"{self.run_folder(fold)}: no validated checkpoint; nothing was trained")
+            raise RecipeError(f"{self.plan.run_folder(fold)}: no validated checkpoint; nothing was trained")
         model = brain.hparams.model
         groups = model.trainable_parameter_groups()
-        folder = self.run_folder(fold)
+        folder = self.plan.run_folder(fold)
         result = {
             "fold": fold,
             "method": model.method.display_name,
             "epoch": best.meta["epoch"],
-            "valid": {name: best.meta[name] for name in ("loss", *self.metrics)},
+            "valid": {name: best.meta[name] for name in ("loss", *self.plan.metrics)},
             "test": brain.test_stats,
             "classes": read_classes(Path(manifests["train"]).parent / CLASSES_FILE),
             "train_items": len(read_manifest(manifests["train"])),
@@ -564,10 +554,10 @@ class Experiment:
                 and not (isinstance(value, str) and value.startswith(str(folder)))
             },
         }
-        if self.test_only:
+        if self.plan.test_only:
             accuracy = 100 * brain.test_stats["accuracy"]
-            self.say(f"{self.dataset}: test only, nothing written; test set of {folder}: {brain.test_stats}")
-            self.say(f"{self.dataset} {result['method']}: test accuracy {accuracy:.2f} % (epoch {result['epoch']})")
+            say(f"{self.plan.dataset}: test only, nothing written; test set of {folder}: {brain.test_stats}")
+            say(f"{self.plan.dataset} {result['method']}: test accuracy {accuracy:.2f} % (epoch {result['epoch']})")
         else:
             run_on_main(write_json_atomic, args=[folder / FOLD_RESULT, result])
         return result
@@ -579,16 +569,17 @@ class Experiment:
 
         Folds waiting to be trained on (`pending`) are left out.
         """
-        folds = self.folds or (None,)
+        folds = self.plan.folds or (None,)
         results = {}
         for fold in folds:
-            done = self.run_folder(fold) / FOLD_RESULT
-            if done.is_file() and fold not in self.pending:
+            done = self.plan.run_folder(fold) / FOLD_RESULT
+            if done.is_file() and fold not in self.plan.pending:
                 results[fold_key(fold)] = json.loads(done.read_text(encoding="utf-8"))
         return results
 
     def _aggregate(self, results: Mapping[str, dict]) -> dict:
-        return aggregate(self.dataset, self.folds, self.metrics, results, self.debug)
+        revision = git_revision(self.plan.recipe_folder or Path(self.plan.hparams_file).parent)
+        return aggregate(self.plan.dataset, self.plan.folds, self.plan.metrics, results, self.plan.debug, revision)
 
     def write_results(self) -> dict | None:
         """Aggregate the finished folds into `<output_folder>/results.json` (written by rank 0); None if none.
@@ -596,24 +587,24 @@ class Experiment:
         Every rank aggregates (so an error stops every rank alike); rank 0 writes. The last line printed is the
         test accuracy in % (mean and population std over the folds of a folded protocol).
         """
-        if self.test_only:
+        if self.plan.test_only:
             return None
         results = self.finished_results()
         if not results:
             return None
         summary = self._aggregate(results)
-        run_on_main(write_json_atomic, args=[self.output_folder / RESULTS, summary])
-        self.say(f"{self.dataset}: results of {len(results)} fold(s) in {self.output_folder / RESULTS}")
-        for fold in sorted(self.pending):
-            self.say(f"{self.dataset}: fold {fold} ran fewer epochs; train it on (--fold={fold}) to aggregate it")
-        self.say(accuracy_line(summary))
+        run_on_main(write_json_atomic, args=[self.plan.output_folder / RESULTS, summary])
+        say(f"{self.plan.dataset}: results of {len(results)} fold(s) in {self.plan.output_folder / RESULTS}")
+        for fold in sorted(self.plan.pending):
+            say(f"{self.plan.dataset}: fold {fold} ran fewer epochs; train it on (--fold={fold}) to aggregate it")
+        say(accuracy_line(summary))
         return summary
 
-    @staticmethod
-    def say(message: str) -> None:
-        """A line on the console, from rank 0 only."""
-        if if_main_process():
-            print(message, flush=True)
+
+def say(message: str) -> None:
+    """A line on the console, from rank 0 only."""
+    if if_main_process():
+        print(message, flush=True)
 
 
 def accuracy_line(summary: Mapping) -> str:
@@ -651,7 +642,12 @@ def common_settings(results: Mapping[str, dict]) -> dict:
 
 
 def aggregate(
-    dataset: str, folds: Sequence[int], metrics: Mapping[str, MetricFn], results: Mapping[str, dict], debug: bool
+    dataset: str,
+    folds: Sequence[int],
+    metrics: Mapping[str, MetricFn],
+    results: Mapping[str, dict],
+    debug: bool,
+    git_revision: str | None = None,
 ) -> dict:
     """The content of results.json: per-fold results, mean/std over folds, parameters and provenance.
 
@@ -674,7 +670,7 @@ def aggregate(
         "few_shot_samples": settings.get("few_shot_samples"),
         "seed": settings.get("seed"),
         "number_of_epochs": settings.get("number_of_epochs"),
-        "git_revision": git_revision(),
+        "git_revision": git_revision,
         "debug": debug,
         "parameters": parameters,
         "folds": {fold_key(r["fold"]): r for r in ordered},

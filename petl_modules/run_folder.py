@@ -13,10 +13,7 @@ configuration (no checkpointer, logger or model): the files are only read.
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from io import StringIO
 from pathlib import Path
 
 import ruamel.yaml
@@ -121,9 +118,6 @@ def locate_run(path: str | Path) -> TrainedRun:
 
 # --- the part of a configuration the model needs ----------------------------------------------------
 
-REFERENCE = re.compile(r"!(?:ref|copy)\s+([^\n]*)")
-NAME = re.compile(r"<([^<>\[\]./\s]+)")
-
 
 def read_tree(path: Path) -> ruamel.yaml.comments.CommentedMap:
     """The unresolved tree of a hyperparameter file (tags kept), `extends:` merged."""
@@ -131,53 +125,3 @@ def read_tree(path: Path) -> ruamel.yaml.comments.CommentedMap:
         return compose(path)
     except HparamsError as error:
         raise InferenceError(str(error)) from None
-
-
-def dump(tree: Mapping) -> str:
-    stream = StringIO()
-    yaml = ruamel.yaml.YAML()
-    yaml.width = 4096  # one line per flow mapping: no wrapped `!ref`
-    yaml.dump(tree, stream)
-    return stream.getvalue()
-
-
-def references(value: object) -> set[str]:
-    """Top-level keys a YAML value refers to with `!ref <key...>` or `!copy <key...>`."""
-    names: set[str] = set()
-    for expression in REFERENCE.findall(dump({"value": value})):
-        names.update(NAME.findall(expression))
-    return names
-
-
-def closure(tree: Mapping, roots: Iterable[str]) -> list[str]:
-    """The keys of `tree` that `roots` need (themselves included, transitively), in the tree's order."""
-    needed: set[str] = set()
-    pending = [root for root in roots if root in tree]
-    while pending:
-        key = pending.pop()
-        if key not in needed:
-            needed.add(key)
-            pending.extend(name for name in references(tree[key]) if name in tree)
-    return [key for key in tree if key in needed]
-
-
-def _plain(value: object) -> object:
-    """A YAML scalar as a plain Python value; None for tagged or nested values."""
-    if value is None or isinstance(value, bool):
-        return value
-    for kind in (int, float, str):  # ruamel's ScalarFloat etc. subclass these
-        if isinstance(value, kind):
-            return kind(value)
-    return None
-
-
-def plain_options(tree: Mapping, root: str) -> dict:
-    """The untagged scalar and list values `root` depends on (a method's options, for the record)."""
-    options = {}
-    for key in closure(tree, [root]):
-        value = tree[key]
-        if isinstance(value, list) and getattr(getattr(value, "tag", None), "value", None) is None:
-            options[key] = [_plain(item) for item in value]
-        elif _plain(value) is not None or value is None:
-            options[key] = _plain(value)
-    return options

@@ -11,16 +11,17 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from petl_modules import commands
-from petl_modules.checkpoints import write_random_checkpoint
-from petl_modules.commands import recipe_command
-from petl_modules.data.synthetic import make_esc50, make_fsc, make_gsc, make_iemocap, make_urbansound8k
+from petl_apps.commands import recipe_command
+from petl_apps.commands import train_script as train_script_path
+from petl_apps.synthetic import make_esc50, make_fsc, make_gsc, make_iemocap, make_urbansound8k
 from petl_modules.methods import METHOD_FILES
+from petl_modules.random_backbones import write_random_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "recipes"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 METHODS = METHOD_FILES
 TARGET_LENGTH = 50  # AST frames: 4 time columns x 12 frequency rows
@@ -47,34 +48,8 @@ DATASETS = {
     ),
 }
 
-# Runs the command lines given as JSON in argv[1] ([[script, cwd, [args...]], ...]) in this interpreter and
-# writes, for each, its exit status, message and printed lines to the JSON file argv[2]. Code in argv[3] runs
-# first.
-DRIVER = """
-import contextlib, io, json, os, runpy, sys, traceback
-commands, report = json.loads(sys.argv[1]), sys.argv[2]
-exec(sys.argv[3])
-outcomes = []
-for script, cwd, args in commands:
-    os.chdir(cwd)
-    sys.argv = [script, *args]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            runpy.run_path(script, run_name="__main__")
-        outcome = {"code": 0, "message": ""}
-    except SystemExit as stop:
-        code = stop.code
-        outcome = {"code": code if isinstance(code, int) else 1, "message": "" if code is None else str(code)}
-    except BaseException as error:
-        outcome = {"code": "raised", "message": type(error).__name__ + ": " + traceback.format_exc()[-2000:]}
-    finally:
-        sys.path.pop(0)
-    outcomes.append({**outcome, "stdout": printed.getvalue()})
-    with open(report, "w") as handle:
-        json.dump(outcomes, handle)
-"""
+# Runs several command lines in one interpreter and reports each one's outcome (see its docstring).
+DRIVER = Path(__file__).resolve().parent / "recipe_driver.py"
 
 
 def write_workspace(root: Path) -> dict[str, Path]:
@@ -104,11 +79,13 @@ def recipe_args(
         "backbone_source": workspace[backbone],
         "num_classes": num_classes,
     }
-    return recipe_command(dataset, method, settings, *QUICK_OPTIONS, *options, *extra, hparams=hparams)[2:]
+    return recipe_command(
+        dataset, method, settings, *QUICK_OPTIONS, *options, *extra, hparams=hparams, recipes=RECIPES
+    )[2:]
 
 
 def train_script(dataset: str) -> str:
-    return str(commands.train_script(dataset))
+    return str(train_script_path(dataset, RECIPES))
 
 
 def run_recipe(
@@ -125,20 +102,29 @@ def run_recipe(
     )
 
 
+def prelude_name(prelude: Callable[[], object]) -> str:
+    """The `module:function` name by which the driver imports `prelude` (a module-level function)."""
+    module, qualname = prelude.__module__, prelude.__qualname__
+    if module == "__main__" or "<locals>" in qualname:
+        raise ValueError(f"a prelude must be a module-level function the driver can import, got {module}:{qualname}")
+    return f"{module}:{qualname}"
+
+
 def run_recipes(
     commands: Sequence[tuple[str, Sequence[str]]],
     report: Path,
-    prelude: str = "",
+    prelude: Callable[[], object] | None = None,
     env: Mapping[str, str] | None = None,
     timeout: int = 1200,
 ) -> list[dict]:
-    """Several `train.py` command lines [(dataset, args)] in one interpreter; each one's exit code and message.
+    """Several `train.py` command lines [(dataset, args)] in one interpreter; each one's outcome (`recipe_driver`).
 
-    A command that fails does not stop the next ones; `prelude` (Python code) runs once before them.
+    A command that fails does not stop the next ones; `prelude` (a module-level function, such as those of
+    `recipe_preludes`) is imported by name and called once before them, with `env` set.
     """
     payload = json.dumps([[train_script(dataset), str(REPO), list(args)] for dataset, args in commands])
     process = subprocess.run(
-        [sys.executable, "-c", DRIVER, payload, str(report), prelude],
+        [sys.executable, str(DRIVER), payload, str(report), prelude_name(prelude) if prelude else ""],
         capture_output=True,
         text=True,
         env={**ENV, **(env or {})},

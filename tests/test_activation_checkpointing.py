@@ -7,8 +7,8 @@ import pytest
 import torch
 from tiny_models import build_model, waveforms, write_checkpoints
 
+from petl_apps.benchmark import saved_activation_bytes
 from petl_modules import load_hparams
-from petl_modules.benchmark import saved_activation_bytes
 from petl_modules.hparams_loader import LIBRARY_HPARAMS
 
 # Methods whose injected modules read per-layer state (padding mask, prompts that change the token count,

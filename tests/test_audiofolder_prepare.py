@@ -16,9 +16,10 @@ import pytest
 import soundfile as sf
 from recipe_helpers import METHODS, QUICK_OPTIONS, run_recipes
 
-from petl_modules.commands import recipe_command
+from petl_apps.commands import recipe_command
+from petl_apps.synthetic import make_audiofolder
 from petl_modules.data import DataPreparationError, read_classes, read_manifest
-from petl_modules.data.audiofolder import make_audiofolder, prepare_audiofolder, stratified_split
+from petl_modules.data.audiofolder import prepare_audiofolder, stratified_split
 from petl_modules.data.manifest import OPTIONS_FILE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -304,12 +305,12 @@ def quick_args(method: str, root: Path, output: Path, checkpoints: dict[str, Pat
     --backbone=wav2vec2): no --num_classes."""
     backbone = next((arg.split("=", 1)[1] for arg in extra if arg.startswith("--backbone=")), "ast")
     settings = {"data_folder": root, "output_folder": output, "backbone_source": checkpoints[backbone]}
-    return recipe_command("AudioFolder", method, settings, *QUICK_OPTIONS, *extra)[2:]
+    return recipe_command("AudioFolder", method, settings, *QUICK_OPTIONS, *extra, recipes=REPO / "recipes")[2:]
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    from petl_modules.checkpoints import write_random_checkpoint
+    from petl_modules.random_backbones import write_random_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {kind: write_random_checkpoint(kind, root / kind) for kind in ("ast", "wav2vec2")}

@@ -13,7 +13,7 @@ from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassificati
 
 from petl_modules.backbones import ASTBackbone, BackboneLoadError, Wav2Vec2Backbone, build_backbone
 from petl_modules.backbones.ast import AUDIOSET_MEAN, AUDIOSET_STD, FbankFrontEnd
-from petl_modules.checkpoints import backbone_config, write_random_checkpoint
+from petl_modules.random_backbones import backbone_config, write_random_checkpoint
 
 # transformers 5.x names -> the 4.x names of the hub checkpoints (ViT layout).
 LEGACY_NAMES = [

@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 import torch
 
+from petl_apps.synthetic import URBANSOUND8K_FORMATS, make_urbansound8k
 from petl_modules.data import AudioError, audio_info, read_audio
-from petl_modules.data.synthetic import URBANSOUND8K_FORMATS, make_urbansound8k
 
 
 def _sine(freq: float, sample_rate: int, seconds: float) -> np.ndarray:

@@ -17,6 +17,7 @@ from types import ModuleType
 
 import pytest
 
+from petl_apps.synthetic import make_esc50, make_fsc, make_gsc, make_iemocap, make_urbansound8k
 from petl_modules.data import (
     CLASSES_FILE,
     OPTIONS_FILE,
@@ -25,7 +26,6 @@ from petl_modules.data import (
     read_classes,
     read_manifest,
 )
-from petl_modules.data.synthetic import make_esc50, make_fsc, make_gsc, make_iemocap, make_urbansound8k
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "valid", "test")

@@ -9,9 +9,9 @@ import soundfile as sf
 import torch
 from transformers import ASTModel
 
-from petl_modules import demo
+from petl_apps import demo
+from petl_apps.pretrain import PretrainSettings
 from petl_modules.backbones.ast import FbankFrontEnd
-from petl_modules.pretrain import PretrainSettings
 
 RECORDED = {  # method -> (trainable, backbone, valid accuracy, test accuracy, seconds)
     "linear_random_init": (2314, 1_840_000, 0.31, 0.295, 21.04),

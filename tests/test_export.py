@@ -18,9 +18,9 @@ from trained_runs import check_equals_test_stage, manifest_items, recipe_test_st
 from transformers import ASTModel
 
 from petl_modules import classify, export
-from petl_modules.checkpoints import write_random_checkpoint
 from petl_modules.data import read_audio
 from petl_modules.inference import AudioClassifier
+from petl_modules.random_backbones import write_random_checkpoint
 from petl_modules.run_folder import locate_run
 
 TARGET_LENGTH = 50  # recipe_helpers.TARGET_LENGTH

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from tiny_models import write_checkpoints
 
-from petl_modules.backbones import build_backbone
+from petl_apps.summary import main as summary_main
 from petl_modules.hparams_loader import LIBRARY_HPARAMS, HparamsError, load_hparams
-from petl_modules.summary import main as summary_main
 
 METHOD_FILES = sorted((LIBRARY_HPARAMS / "methods").glob("*.yaml"))
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +76,48 @@ def test_conformer_adapter_block_extends_the_adapter_block():
     assert hparams["lr"] == 0.005
 
 
+# Parameter counts of the tiny checkpoints (tiny_models), in closed form from their configs: hidden D, FFN
+# width, layers; the summary's default class count; AST's tokens at 100 frames (12 x 9 patches, [CLS], [DIST]).
+D, FFN, LAYERS, CLASSES, TOKENS = 32, 64, 2, 10, 12 * 9 + 2
+LAYER = 4 * (D * D + D) + (D * FFN + FFN) + (FFN * D + D) + 2 * 2 * D  # Q, K, V, O; FFN; two LayerNorms: 8544
+BACKBONE = {  # 28960 and 31024
+    # layers, 16 x 16 patch convolution, positions resized to 100 frames, [CLS] and [DIST], final LayerNorm
+    "ast": LAYERS * LAYER + (16 * 16 * D + D) + TOKENS * D + 2 * D + 2 * D,
+    # layers, encoder LayerNorm, positional convolution (kernel 16, 4 groups, weight norm g and v, bias), CNN
+    # (kernels 10 and 8, no biases, GroupNorm on the first), feature projection (LayerNorm, Linear), mask vector
+    "wav2vec2": LAYERS * LAYER
+    + 2 * D
+    + (D * (D // 4) * 16 + 16 + D)
+    + (D * 10 + 2 * D + D * D * 8)
+    + (2 * D + D * D + D)
+    + D,
+}
+# The method blocks' defaults on D = 32: adapter rate 96, MoA rate 128 and LoRA rate 64 all give a bottleneck
+# (rank) of max(1, 32 // rate) = 1; 7 experts, 1 slot; prefix 12, prompt 25; LoRA on q and v.
+B, EXPERTS = 1, 7
+BOTTLENECK_ADAPTER = (D * B + B) + (B * D + D)  # down, up: 97
+EXPERT_WEIGHTS = EXPERTS * BOTTLENECK_ADAPTER  # stacked down/up weights and biases: 679
+# LayerNorm, pointwise in (GLU: 2 x bottleneck), depthwise kernel 31, BatchNorm, pointwise out: 228
+CONFORMER_ADAPTER = 2 * D + (D * 2 * B + 2 * B) + (B * 31 + B) + 2 * B + (B * D + D)
+ENCODER_BIASES = LAYERS * (4 * D + FFN + D + 2 * D)  # Q, K, V, O, the FFN's two Linears, two LayerNorms: 576
+# Method parameters: one count, or one per backbone where they differ.
+METHOD_PARAMS = {
+    "adapter": LAYERS * BOTTLENECK_ADAPTER,  # Pfeiffer: one per layer
+    "bitfit": {"ast": ENCODER_BIASES, "wav2vec2": ENCODER_BIASES + D},  # Wav2Vec2's encoder holds its LayerNorm
+    "conformer_adapter": LAYERS * CONFORMER_ADAPTER,
+    "dense_moa": LAYERS * ((D * EXPERTS + EXPERTS) + EXPERT_WEIGHTS),  # router + experts, beside MHSA
+    # AST: the whole backbone but its final LayerNorm (counted apart); Wav2Vec2: the last 3 layers (here both)
+    "full_ft": {"ast": BACKBONE["ast"] - 2 * D, "wav2vec2": LAYERS * LAYER},
+    "linear": 0,
+    "lora": LAYERS * 2 * (B * D + D * B),  # A and B of q and v
+    "prefix_tuning": LAYERS * 2 * 12 * D,  # keys and values
+    "prompt_tuning": 25 * D,  # shallow
+    "soft_moa": LAYERS * (D * EXPERTS + EXPERT_WEIGHTS),  # Phi + experts, beside MHSA
+}
+ADAPTED_SUBLAYER_NORMS = {"adapter": LAYERS * 2 * D, "conformer_adapter": LAYERS * 2 * D}  # layernorm_after
+ADAPTED_SUBLAYER_NORMS |= {"dense_moa": LAYERS * 2 * D, "soft_moa": LAYERS * 2 * D}  # layernorm_before
+
+
 @pytest.mark.parametrize("backbone", ["ast", "wav2vec2"])
 @pytest.mark.parametrize("method_file", METHOD_FILES, ids=[p.stem for p in METHOD_FILES])
 def test_summary_json_for_every_method_file_on_both_backbones(checkpoints, capsys, method_file, backbone):
@@ -87,20 +128,23 @@ def test_summary_json_for_every_method_file_on_both_backbones(checkpoints, capsy
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == method_file.stem
-    groups = ("method_params", "head_params", "final_norm_params", "sublayer_norm_params")
-    # Recounted independently: the model built from the same block counts its trainable tensors, and a bare
-    # backbone (no method injected) counts the pretrained parameters.
-    model = load_hparams(
-        method_file,
-        {"backbone": backbone, "backbone_source": str(source), "target_length": 100},
-        defaults=(LIBRARY_HPARAMS / "model.yaml",),
-    )["model"]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    backbone_params = sum(p.numel() for p in build_backbone(backbone, str(source), target_length=100).parameters())
-    assert summary["trainable_params"] == trainable == sum(summary[group] for group in groups)
-    assert summary["backbone_params"] == backbone_params
-    assert summary["trainable_percent"] == pytest.approx(100 * trainable / backbone_params)
-    assert summary["head_params"] == 32 * 10 + 10
+    # Counted from the configs, not from a model: AST trains its final LayerNorm (BitFit its bias only) and the
+    # LayerNorm of each adapted sub-layer; Wav2Vec2 keeps its norms frozen (model.yaml).
+    counts = METHOD_PARAMS[method_file.stem]
+    method = counts if isinstance(counts, int) else counts[backbone]
+    on_ast = backbone == "ast"
+    final_norm = (D if method_file.stem == "bitfit" else 2 * D) if on_ast else 0
+    sublayer_norms = ADAPTED_SUBLAYER_NORMS.get(method_file.stem, 0) if on_ast else 0
+    head = D * CLASSES + CLASSES
+    trainable = method + head + final_norm + sublayer_norms
+    assert summary["backbone_params"] == BACKBONE[backbone]
+    assert summary["method_params"] == method
+    assert summary["head_params"] == head
+    assert summary["final_norm_params"] == final_norm
+    assert summary["sublayer_norm_params"] == sublayer_norms
+    assert summary["trainable_params"] == trainable
+    assert summary["trainable_percent"] == pytest.approx(100 * trainable / BACKBONE[backbone])
+    assert summary["method_percent"] == pytest.approx(100 * method / BACKBONE[backbone])
 
 
 @pytest.mark.parametrize("dataset", ["FSC", "ESC50", "UrbanSound8K", "GSC", "IEMOCAP"])
@@ -123,14 +167,14 @@ def test_summary_reports_bad_input_in_one_line(checkpoints, capsys):
 
 def test_conformer_adapter_is_029_percent_of_the_full_size_ast(tmp_path):
     """The papers' headline: Conformer adapter, rate 96, Pfeiffer, parallel = 0.29 % of AST (86.19 M)."""
-    from petl_modules.checkpoints import write_random_checkpoint
+    from petl_modules.random_backbones import write_random_checkpoint
 
     folder = write_random_checkpoint("ast", tmp_path / "ast_base", size="base")
     result = subprocess.run(
         [
             sys.executable,
             "-m",
-            "petl_modules.summary",
+            "petl_apps.summary",
             str(LIBRARY_HPARAMS / "methods" / "conformer_adapter.yaml"),
             f"--backbone_source={folder}",
             "--json",

@@ -1,4 +1,4 @@
-"""Linear probing from cached pooled features equals the full forward (issue 10), on tiny backbones."""
+"""Linear probing from cached pooled features equals the full forward, on tiny backbones."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The tuning methods' contract, on tiny AST and Wav2Vec2 backbones (issue: the PETL library)."""
+"""The tuning methods' contract, on tiny AST and Wav2Vec2 backbones."""
 
 from __future__ import annotations
 
@@ -218,7 +218,7 @@ def test_lora_merged_and_unmerged_give_the_same_outputs(checkpoint, targets):
 @pytest.mark.parametrize(("method", "options"), VARIANTS, ids=IDS)
 def test_frozen_backbone_behaves_as_at_inference_during_training(checkpoints, tmp_path, method, options):
     """Dropout and LayerDrop of the frozen backbone stay off in train mode; full fine-tuning keeps them."""
-    from petl_modules.checkpoints import write_random_checkpoint
+    from petl_modules.random_backbones import write_random_checkpoint
 
     noisy = write_random_checkpoint(
         "wav2vec2",
@@ -380,7 +380,7 @@ def test_cls_dist_pooling_needs_the_dist_token_that_prompts_replace(checkpoints)
     build_model(checkpoints["ast"], "prompt_tuning", prompt_len=3, pooling="cls_dist", keep_dist_token=True)
 
 
-# --- The reference implementation's behaviour by default (issue 7) ------------------------------------
+# --- The reference implementation's behaviour by default ------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -500,7 +500,7 @@ def test_wav2vec2_defaults_are_the_reference_ones(tmp_path, monkeypatch, method)
     """One Linear on the mean-pooled last layer, no LayerNorm trained (finetune_LN=False), full FT = last 3 layers."""
     from pathlib import Path
 
-    from petl_modules.checkpoints import write_random_checkpoint
+    from petl_modules.random_backbones import write_random_checkpoint
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     source = write_random_checkpoint("wav2vec2", tmp_path / "w2v", num_hidden_layers=4)

@@ -1,6 +1,6 @@
 """Every file and folder the tools write follows the umask: files 0666 & ~umask, folders 0777 & ~umask.
 
-On a shared cluster a colleague reads what the umask lets them read (issue 16). Libraries that write
+On a shared cluster a colleague reads what the umask lets them read. Libraries that write
 privately (safetensors' 0600 temporary file renamed into place, `tempfile.mkdtemp`'s 0700 folder) must not
 leave their modes on an output. Each test runs under umask 022 and 077, set in-process and restored after.
 """
@@ -19,12 +19,12 @@ from safetensors.torch import save_file
 from test_pretrain import TINY
 from trained_runs import trained_run
 
+from petl_apps.pretrain import pretrain
 from petl_modules import export
 from petl_modules.atomic import atomic_path, write_json_atomic
-from petl_modules.checkpoints import write_random_checkpoint
 from petl_modules.data.feature_cache import FeatureCache
 from petl_modules.inference import save_trainable
-from petl_modules.pretrain import pretrain
+from petl_modules.random_backbones import write_random_checkpoint
 
 UMASKS = (0o022, 0o077)
 

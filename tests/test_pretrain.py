@@ -9,9 +9,9 @@ import pytest
 import torch
 import torchaudio
 
+from petl_apps.pretrain import INFO, PretrainSettings, main, pretrain, random_init_backbone
+from petl_apps.speech import PRETRAIN_WORDS, speaker_splits, synthesize_clips
 from petl_modules.backbones import build_backbone
-from petl_modules.data.speech import PRETRAIN_WORDS, speaker_splits, synthesize_clips
-from petl_modules.pretrain import INFO, PretrainSettings, main, pretrain, random_init_backbone
 
 TINY = PretrainSettings(num_words=3, num_speakers=2, epochs=1, batch_size=4, hidden_size=32, num_layers=1, num_heads=2)
 

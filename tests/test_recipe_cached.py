@@ -1,4 +1,4 @@
-"""Linear probing from cached embeddings inside the recipes (issue 10): the same run with and without
+"""Linear probing from cached embeddings inside the recipes: the same run with and without
 `cache_embeddings` gives the same metrics and checkpoints, and the backbone runs once per file."""
 
 from __future__ import annotations
@@ -12,35 +12,20 @@ import pytest
 import soundfile as sf
 import torch
 from recipe_helpers import ENV, REPO, recipe_args, run_recipe, run_recipes, train_script, write_workspace
+from recipe_preludes import count_backbone_forwards
 from test_ddp import free_port, model_state
 from test_recipes import latest_model_state, read_manifests
 from tiny_models import build_model, write_checkpoints
 
-from petl_modules.benchmark import main as benchmark_main
+from petl_apps.benchmark import main as benchmark_main
+from petl_apps.recipe_timing import epoch_times, fill_seconds, summarise
 from petl_modules.data.audio import read_audio
 from petl_modules.data.embedding_cache import EmbeddingCache
 from petl_modules.linear_cached import pooled_features
 from petl_modules.recipe import RESULTS
-from petl_modules.recipe_timing import epoch_times, fill_seconds, summarise
 
 # Several epochs at a high learning rate, so that a cached path that drifted from the full one shows.
 OPTIONS = ["--number_of_epochs=3", "--lr=0.05", "--batch_size=2", "--log_timing=True"]
-# Counts the files each backbone forward sees (the batch size) and writes the total to $BACKBONE_COUNT at exit.
-COUNTING_PRELUDE = """
-import atexit, json, os
-from petl_modules.backbones.ast import ASTBackbone
-from petl_modules.backbones.wav2vec2 import Wav2Vec2Backbone
-seen = {}
-def counting(cls):
-    forward = cls.forward
-    def counted(self, inputs, *args, **kwargs):
-        seen[cls.__name__] = seen.get(cls.__name__, 0) + inputs.shape[0]
-        return forward(self, inputs, *args, **kwargs)
-    cls.forward = counted
-counting(ASTBackbone)
-counting(Wav2Vec2Backbone)
-atexit.register(lambda: open(os.environ["BACKBONE_COUNT"], "w").write(json.dumps(seen)))
-"""
 # (case, dataset, backbone, extra options): AST on GSC; the base Wav2Vec2 (GroupNorm CNN: cached in batches of
 # equal length) on ESC-50, whose SpecAugment acts on AST only and so does not stop the cache.
 CASES = [
@@ -66,7 +51,10 @@ def runs(tmp_path_factory):
         }
         count = root / f"{variant}_count.json"
         outcomes = run_recipes(
-            list(commands.values()), root / f"{variant}.json", COUNTING_PRELUDE, env={"BACKBONE_COUNT": str(count)}
+            list(commands.values()),
+            root / f"{variant}.json",
+            prelude=count_backbone_forwards,
+            env={"BACKBONE_COUNT": str(count)},
         )
         for (name, _), outcome in zip(commands.items(), outcomes):
             assert outcome["code"] == 0, outcome["message"]
@@ -171,7 +159,7 @@ def test_recipe_timing_needs_an_ast_folder(capsys):
 
 def test_recipe_timing_runs_the_three_recipe_runs_it_reports(tmp_path, capsys):
     """`benchmark --recipe_timing` end to end on a tiny AST: generated GSC data, three real recipe runs."""
-    from petl_modules.checkpoints import write_random_checkpoint
+    from petl_modules.random_backbones import write_random_checkpoint
 
     source = write_random_checkpoint("ast", tmp_path / "ast")
     out = tmp_path / "timing.json"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from recipe_helpers import DATASETS, METHODS, REPO, recipe_args, run_recipe, run_recipes, write_workspace
+from recipe_preludes import count_steps_and_crash
 
 from petl_modules.recipe import RESULTS
 
@@ -151,24 +152,6 @@ def test_from_the_recipe_folder(workspace, tmp_path):
     assert json.loads((tmp_path / RESULTS).read_text())["dataset"] == "FSC"
 
 
-# Counts Brain.step at each training batch into calls.json; raises KeyboardInterrupt at the 6th call while
-# CRASH is set (a run killed in epoch 2, after its first step was checkpointed).
-RESUME_PRELUDE = """
-import json, os
-from petl_modules.training import PETLBrain
-CALLS = os.environ["CALLS"]
-original = PETLBrain.fit_batch
-def counted(self, batch):
-    calls = json.load(open(CALLS)) if os.path.exists(CALLS) else []
-    calls.append(self.step)
-    json.dump(calls, open(CALLS, "w"))
-    if os.environ.get("CRASH") and len(calls) == 6:
-        raise KeyboardInterrupt
-    return original(self, batch)
-PETLBrain.fit_batch = counted
-"""
-
-
 def test_resume_mid_epoch_matches_an_uninterrupted_run(workspace, tmp_path):
     options = ["--number_of_epochs=2", "--batch_size=2", "--ckpt_interval_steps=1", "--lr=0.05"]  # 4 steps/epoch
     reference_args = recipe_args("GSC", "lora", workspace, tmp_path / "reference", *options)
@@ -178,7 +161,7 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(workspace, tmp_path):
     def run(args, name, crash=False):
         calls.unlink(missing_ok=True)
         env = {"CALLS": str(calls), "CRASH": "1" if crash else ""}
-        outcome = run_recipes([("GSC", args)], tmp_path / f"{name}.json", prelude=RESUME_PRELUDE, env=env)[0]
+        outcome = run_recipes([("GSC", args)], tmp_path / f"{name}.json", prelude=count_steps_and_crash, env=env)[0]
         return outcome, json.loads(calls.read_text()) if calls.is_file() else []
 
     outcome, _ = run(reference_args, "reference")

@@ -1,4 +1,4 @@
-"""`python -m petl_modules.report`: tables and figures from recorded results (hand-written and one real tiny
+"""`python -m petl_apps.report`: tables and figures from recorded results (hand-written and one real tiny
 recipe run), checked against numpy on the recorded values."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from recipe_helpers import REPO, recipe_args
 
-from petl_modules.checkpoints import write_random_checkpoint
-from petl_modules.data.synthetic import make_gsc
-from petl_modules.report import Run, main, parse_train_log, summed_confusion, write_report
+from petl_apps.report import Run, main, parse_train_log, summed_confusion, write_report
+from petl_apps.synthetic import make_gsc
+from petl_modules.random_backbones import write_random_checkpoint
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -325,7 +325,7 @@ def test_a_seed_written_twice_counts_once(tmp_path, caplog):
     old = fake_results(root / "b_old", "GSC", "lora", 3, {"official": 0.2}, settings=settings, written=1_000_000)
     new = fake_results(root / "a_new", "GSC", "lora", 3, {"official": 0.9}, settings=settings, written=2_000_000)
     fake_results(root / "c_seed4", "GSC", "lora", 4, {"official": 0.5}, settings=settings, written=1_500_000)
-    with caplog.at_level("WARNING", logger="petl_modules.report"):
+    with caplog.at_level("WARNING", logger="petl_apps.report"):
         text = write_report([root], tmp_path / "report").read_text()
     row = table_rows(text, "| dataset | backbone | method | test accuracy")[("GSC", "ast", "lora")]
     assert row[3] == "70.00 ± 20.00" and row[-2:] == ["2", "2"]  # 0.9 and 0.5; the older 0.2 is not counted
@@ -353,7 +353,7 @@ def test_debug_and_untrained_runs_are_in_no_table(tmp_path, caplog):
         root / "untrained", "ESC50", "lora", 3, {"1": 0.37, "2": 0.37}, settings=settings, epochs={"2": None}
     )
     few = fake_results(root / "few", "ESC50", "lora", 1, {"1": 0.41}, settings=settings, few_shot=2, epochs={"1": None})
-    with caplog.at_level("WARNING", logger="petl_modules.report"):
+    with caplog.at_level("WARNING", logger="petl_apps.report"):
         text = write_report([root], tmp_path / "report").read_text()
     details = table_rows(text, "| dataset | backbone | method | test accuracy")
     assert details == {("ESC50", "ast", "lora"): details[("ESC50", "ast", "lora")]}

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from petl_modules.data import read_manifest, speech
-from petl_modules.data.speech import (
+from petl_apps import speech
+from petl_apps.speech import (
     SPEAKER_SPLITS,
     SpeechSynthesisError,
     file_stem,
@@ -22,6 +22,7 @@ from petl_modules.data.speech import (
     speaker_splits,
     synthesize,
 )
+from petl_modules.data import read_manifest
 
 _SPEC = importlib.util.spec_from_file_location(
     "gsc_prepare", Path(__file__).resolve().parent.parent / "recipes" / "GSC" / "gsc_prepare.py"
@@ -133,8 +134,8 @@ def test_generation_is_deterministic_and_reused(tmp_path):
 
 def test_importing_the_library_never_needs_espeak():
     code = (
-        "import sys; sys.modules['espeakng_loader'] = None; import petl_modules, petl_modules.demo, "
-        "petl_modules.pretrain, petl_modules.data.speech; print('ok')"
+        "import sys; sys.modules['espeakng_loader'] = None; import petl_modules, petl_apps.demo, "
+        "petl_apps.pretrain, petl_apps.speech; print('ok')"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr

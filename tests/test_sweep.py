@@ -1,4 +1,4 @@
-"""`python -m petl_modules.sweep`: the exact command list, `--methods all`, the skip logic, one-line errors,
+"""`python -m petl_apps.sweep`: the exact command list, `--methods all`, the skip logic, one-line errors,
 and one real tiny run through the sweep (then skipped when rerun) that ends with the report."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from recipe_helpers import REPO, TARGET_LENGTH
 
-from petl_modules.checkpoints import write_random_checkpoint
-from petl_modules.data.synthetic import make_gsc
-from petl_modules.sweep import main
+from petl_apps.sweep import main
+from petl_apps.synthetic import make_gsc
+from petl_modules.random_backbones import write_random_checkpoint
 
 OFFICIAL = {
     "FSC": "fluent_speech_commands_dataset",
@@ -60,7 +60,7 @@ def test_print_lists_the_expected_commands(tmp_path):
                         + (f" --few_shot_samples={shots}" if shots else "")
                         + " --number_of_epochs=3 --device=cuda"
                     )
-    expected.append(f"python -m petl_modules.report {out} --out {out}/report")
+    expected.append(f"python -m petl_apps.report {out} --out {out}/report")
     assert code == 0 and lines == expected
 
 

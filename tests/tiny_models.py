@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from petl_modules.backbones import build_backbone
-from petl_modules.checkpoints import write_random_checkpoint
 from petl_modules.methods import METHODS
 from petl_modules.model import PETLModel
+from petl_modules.random_backbones import write_random_checkpoint
 
 # Kinds of tiny checkpoints: post-LN Wav2Vec2 with a GroupNorm CNN (like base) and a pre-LN one with a
 # LayerNorm CNN (like large, fully padding-invariant).

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from recipe_helpers import DATASETS, REPO, recipe_args
 
-from petl_modules.checkpoints import write_random_checkpoint
+from petl_modules.random_backbones import write_random_checkpoint
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 

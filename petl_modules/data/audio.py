@@ -35,7 +35,7 @@ def _check_file(path: str | os.PathLike) -> None:
 
 
 def audio_info(path: str | os.PathLike) -> tuple[int, int]:
-    """Return ``(num_frames, sample_rate)`` from the header only.
+    """Return `(num_frames, sample_rate)` from the header only.
 
     Manifests need durations for thousands of files; decoding them all would
     make preparation as slow as an epoch.
@@ -61,9 +61,9 @@ def _resampler(orig_sr: int, target_sr: int) -> torchaudio.transforms.Resample:
 
 
 def read_audio(path: str | os.PathLike, target_sr: int = 16000) -> torch.Tensor:
-    """Read a file as a 1-D float32 tensor, downmixed by channel mean, at ``target_sr``.
+    """Read a file as a 1-D float32 tensor, downmixed by channel mean, at `target_sr`.
 
-    Raises :class:`AudioError` naming the file when it is missing, empty,
+    Raises `AudioError` naming the file when it is missing, empty,
     undecodable, has no samples or holds non-finite values.
     """
     if isinstance(target_sr, bool) or not isinstance(target_sr, int) or target_sr <= 0:

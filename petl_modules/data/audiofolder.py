@@ -1,28 +1,27 @@
-"""Your own data as recipe manifests: a folder of class sub-folders, or a CSV of ``path,label[,split]``.
+"""Your own data as recipe manifests: a folder of class sub-folders, or a CSV of `path,label[,split]`.
 
-Two layouts, chosen by ``csv_file``:
+Two layouts, chosen by `csv_file`:
 
-- **class folders** (``csv_file`` None): every non-hidden sub-folder of the data folder is a class; its
-  audio files (``.wav .flac .ogg .mp3``, any depth below it) are the class's items. Other files are ignored.
-- **CSV** (``csv_file`` given, relative to the data folder or absolute): columns ``path`` and ``label``, and
-  optionally ``split`` (``train``, ``valid`` / ``validation`` / ``dev``, ``test``); paths are relative to the
+- **class folders** (`csv_file` None): every non-hidden sub-folder of the data folder is a class; its
+  audio files (`.wav .flac .ogg .mp3`, any depth below it) are the class's items. Other files are ignored.
+- **CSV** (`csv_file` given, relative to the data folder or absolute): columns `path` and `label`, and
+  optionally `split` (`train`, `valid` / `validation` / `dev`, `test`); paths are relative to the
   CSV's folder.
 
-Splits come, in this order of precedence, from the CSV's ``split`` column (every row has one), from the split
-lists ``valid_list`` / ``test_list`` (one relative path per line, like Speech Commands' lists: listed items go
-to that split, the rest to train), or are drawn by :func:`stratified_split`: seeded by ``split_seed`` (not by
-the training seed, so runs of several seeds share one test set), per class, ``round(fraction * n)`` but at
+Splits come, in this order of precedence, from the CSV's `split` column (every row has one), from the split
+lists `valid_list` / `test_list` (one relative path per line, like Speech Commands' lists: listed items go
+to that split, the rest to train), or are drawn by `stratified_split`: seeded by `split_seed` (not by
+the training seed, so runs of several seeds share one test set), per class, `round(fraction * n)` but at
 least one item to each drawn split and at least one left to train. A split without a list is drawn from the
 unlisted items. Every class of valid and test must also be in train.
 
-Invariants: item IDs are the relative paths with ``/`` replaced by ``__`` (unique, safe in file names); the
+Invariants: item IDs are the relative paths with `/` replaced by `__` (unique, safe in file names); the
 preparation is rebuilt when the options or the listing (paths, labels, splits, file sizes) change; the class
-order is ``classes.txt``'s (sorted labels), so ``num_classes`` comes from the data.
+order is `classes.txt`'s (sorted labels), so `num_classes` comes from the data.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -34,18 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
-import soundfile as sf
-
 from petl_modules.data.manifest import DataPreparationError, audio_row, read_metadata_csv, require_dir
 from petl_modules.data.prepare import prepare_dataset
-from petl_modules.data.synthetic import _tone
 
 __all__ = [
     "AUDIO_EXTENSIONS",
     "DATASET",
     "collect_items",
-    "make_audiofolder",
     "prepare_audiofolder",
     "stratified_split",
 ]
@@ -150,11 +144,11 @@ def _round(value: float) -> int:
 
 
 def stratified_split(labels: Mapping[str, str], fractions: Mapping[str, float], seed: int) -> dict[str, list[str]]:
-    """Seeded per-class split of item ids into ``train`` and the splits of ``fractions``.
+    """Seeded per-class split of item ids into `train` and the splits of `fractions`.
 
-    Each class (sorted ids, shuffled by one ``random.Random(seed)`` visiting classes in sorted order) gives
-    ``max(1, round(fraction * n))`` items to each split of ``fractions`` (in its order) and the rest to train,
-    which must keep at least one. The result depends on the set of ids, their labels and ``seed`` only; ids
+    Each class (sorted ids, shuffled by one `random.Random(seed)` visiting classes in sorted order) gives
+    `max(1, round(fraction * n))` items to each split of `fractions` (in its order) and the rest to train,
+    which must keep at least one. The result depends on the set of ids, their labels and `seed` only; ids
     are returned sorted.
     """
     by_class: dict[str, list[str]] = defaultdict(list)
@@ -254,10 +248,10 @@ def prepare_audiofolder(
     test_fraction: float = 0.1,
     split_seed: int = 0,
 ) -> dict[str, Path]:
-    """Write (or reuse) the manifests of your own data in ``save_folder``; returns ``{split: csv path}``.
+    """Write (or reuse) the manifests of your own data in `save_folder`; returns `{split: csv path}`.
 
-    ``few_shot_samples`` keeps K items per class of train, sampled with ``seed`` (as in every recipe);
-    the other options choose the layout and the split (module docstring). ``classes.txt`` is written beside
+    `few_shot_samples` keeps K items per class of train, sampled with `seed` (as in every recipe);
+    the other options choose the layout and the split (module docstring). `classes.txt` is written beside
     the manifests.
     """
     root = require_dir(data_folder, DATASET, EXPECTED)
@@ -288,43 +282,3 @@ def prepare_audiofolder(
         seed=seed,
         extra_options=options,
     )
-
-
-def make_audiofolder(
-    root: str | os.PathLike,
-    num_classes: int = 3,
-    n_per_class: int = 6,
-    layout: str = "folders",
-    extensions: Sequence[str] = ("wav", "flac", "ogg"),
-    seed: int = 0,
-) -> Path:
-    """Write a tiny data set of your own in either layout; returns the data folder (``root``).
-
-    Class ``c`` is ``sound_<c>`` (a tone of :func:`petl_modules.data.synthetic.class_frequency` ``(c)``).
-    Files cycle through ``extensions`` and through 8/16/44.1 kHz, mono and stereo. ``layout="folders"``
-    writes ``root/sound_<c>/clip<i>.<ext>``; ``"csv"`` writes ``root/audio/<c>_<i>.<ext>`` and ``root/labels.csv``
-    (``path,label``, paths relative to ``root``); ``"csv_split"`` adds a ``split`` column that puts the
-    last two clips of each class in valid and test.
-    """
-    if layout not in ("folders", "csv", "csv_split"):
-        raise ValueError(f"layout must be folders, csv or csv_split, got {layout!r}")
-    rng = np.random.default_rng(seed)
-    root = Path(root)
-    rows = []
-    formats = ((16000, 1), (44100, 2), (8000, 1))
-    for c in range(num_classes):
-        for i in range(n_per_class):
-            count = c * n_per_class + i
-            sample_rate, channels = formats[count % len(formats)]
-            extension = extensions[count % len(extensions)]
-            rel = f"sound_{c}/clip{i}.{extension}" if layout == "folders" else f"audio/{c}_{i}.{extension}"
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            sf.write(root / rel, _tone(c, 0.4 + 0.1 * (i % 3), sample_rate, rng, channels), sample_rate)
-            split = "valid" if i == n_per_class - 2 else "test" if i == n_per_class - 1 else "train"
-            rows.append([rel, f"sound_{c}", split])
-    if layout != "folders":
-        with open(root / "labels.csv", "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(["path", "label", "split"] if layout == "csv_split" else ["path", "label"])
-            writer.writerows(row if layout == "csv_split" else row[:2] for row in rows)
-    return root

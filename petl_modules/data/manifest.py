@@ -1,7 +1,7 @@
 """SpeechBrain-style CSV manifests, written atomically and reused only when valid.
 
-A preparation folder holds one CSV per split, ``classes.txt`` and, written last,
-``prepare_options.json``. The options file is the commit marker: a run that
+A preparation folder holds one CSV per split, `classes.txt` and, written last,
+`prepare_options.json`. The options file is the commit marker: a run that
 crashes half way leaves no options file, so the next run rebuilds everything
 instead of trusting a half-written folder.
 """
@@ -46,10 +46,10 @@ class DataPreparationError(ValueError):
 
 
 def write_manifest(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write ``rows`` as a CSV readable by ``DynamicItemDataset.from_csv``.
+    """Write `rows` as a CSV readable by `DynamicItemDataset.from_csv`.
 
     Columns follow the first row; every row must have the same keys, the
-    required columns and a unique ``ID``, because SpeechBrain keys items by ID.
+    required columns and a unique `ID`, because SpeechBrain keys items by ID.
     """
     path = Path(path)
     if not rows:
@@ -81,7 +81,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def read_classes(path: str | os.PathLike) -> list[str]:
-    """Read ``classes.txt``: one label per line, line ``i`` is class index ``i``."""
+    """Read `classes.txt`: one label per line, line `i` is class index `i`."""
     return Path(path).read_text(encoding="utf-8").splitlines()
 
 
@@ -134,7 +134,7 @@ def _normalise(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _reusable(folder: Path, options: dict[str, Any]) -> dict[str, Path] | None:
-    """Return the recorded manifests if they were built with ``options`` and all exist."""
+    """Return the recorded manifests if they were built with `options` and all exist."""
     try:
         record = json.loads((folder / OPTIONS_FILE).read_text(encoding="utf-8"))
         if record["options"] != options:
@@ -153,12 +153,12 @@ def prepare_once(
     options: Mapping[str, Any],
     build: Callable[[], Mapping[str, Sequence[Mapping[str, Any]]]],
 ) -> dict[str, Path]:
-    """Write ``<split>.csv`` for each split ``build`` returns, unless already done.
+    """Write `<split>.csv` for each split `build` returns, unless already done.
 
     The folder is reused only when its options file records the same
-    ``options`` and every file it lists exists; otherwise the options file is
+    `options` and every file it lists exists; otherwise the options file is
     removed first, everything is rewritten and the options file comes last.
-    ``classes.txt`` lists the sorted union of labels over all splits.
+    `classes.txt` lists the sorted union of labels over all splits.
     """
     folder = Path(save_folder)
     wanted = _normalise(options)

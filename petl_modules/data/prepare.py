@@ -1,4 +1,4 @@
-"""The dataset-independent half of every ``recipes/<DS>/<ds>_prepare.py`` script.
+"""The dataset-independent half of every `recipes/<DS>/<ds>_prepare.py` script.
 
 Each script only knows how to list its dataset's items per split; checking the
 inputs, few-shot sampling of train, choosing the output folder, reuse and the
@@ -39,11 +39,11 @@ def prepare_dataset(
 ) -> dict[str, Path]:
     """Prepare (or reuse) the train/valid/test manifests of one dataset.
 
-    ``collect(data_root)`` returns the full rows of every split; few-shot
-    sampling then keeps ``few_shot_samples`` items per class of train only.
-    Folded protocols write into ``save_folder/fold<k>`` so that all folds can
-    be prepared side by side. ``expected`` describes the official layout for
-    error messages. ``extra_options`` (JSON values) join the recorded options,
+    `collect(data_root)` returns the full rows of every split; few-shot
+    sampling then keeps `few_shot_samples` items per class of train only.
+    Folded protocols write into `save_folder/fold<k>` so that all folds can
+    be prepared side by side. `expected` describes the official layout for
+    error messages. `extra_options` (JSON values) join the recorded options,
     so a preparation is rebuilt when one of them changes.
     """
     root = require_dir(data_folder, dataset, expected)
@@ -76,9 +76,9 @@ def prepare_cli(
     argv: Sequence[str] | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> dict[str, Path]:
-    """Run ``prepare`` from the command line: ``DATA_FOLDER SAVE_FOLDER [--fold K]``.
+    """Run `prepare` from the command line: `DATA_FOLDER SAVE_FOLDER [--fold K]`.
 
-    ``add_arguments(parser)`` declares a dataset's own options, passed to ``prepare`` by name.
+    `add_arguments(parser)` declares a dataset's own options, passed to `prepare` by name.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("data_folder", help="root of the dataset in its official layout")

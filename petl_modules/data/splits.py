@@ -1,8 +1,8 @@
 """Fold protocols and seeded few-shot sampling shared by the preparation scripts.
 
 A protocol is a *plan*: a mapping from split name to the set of groups (fold
-numbers or speaker ids) that go into it. :func:`assign_splits` then routes
-manifest rows by their ``fold`` or ``speaker`` column, so every protocol is
+numbers or speaker ids) that go into it. `assign_splits` then routes
+manifest rows by their `fold` or `speaker` column, so every protocol is
 enforced in one place.
 """
 
@@ -42,14 +42,14 @@ ROTATIONS = ("previous", "next")
 
 
 def rotation_split(fold: int, num_folds: int, valid: str = "next") -> dict[str, frozenset[int]]:
-    """Cross-validation rotation over folds numbered ``1..num_folds``.
+    """Cross-validation rotation over folds numbered `1..num_folds`.
 
-    Test is fold ``fold``; validation is the fold before it (``valid="previous"``:
-    ``(fold - 2) % num_folds + 1``) or after it (``"next"``: ``fold % num_folds + 1``),
+    Test is fold `fold`; validation is the fold before it (`valid="previous"`:
+    `(fold - 2) % num_folds + 1`) or after it (`"next"`: `fold % num_folds + 1`),
     never the test fold, so model selection never sees test data; train is the
-    remaining ``num_folds - 2`` folds.
+    remaining `num_folds - 2` folds.
 
-    ESC-50 uses 5 folds with "previous", the reference's rotations (``main.py``:
+    ESC-50 uses 5 folds with "previous", the reference's rotations (`main.py`:
     test 5 / valid 4, test 1 / valid 5, test 2 / valid 1, test 3 / valid 2,
     test 4 / valid 3; our fold number is the test fold). UrbanSound8K uses 10
     folds with "next": the reference selects on the test fold there (a defect),
@@ -64,16 +64,16 @@ def rotation_split(fold: int, num_folds: int, valid: str = "next") -> dict[str, 
 
 
 def iemocap_split(fold: int) -> dict[str, frozenset[str]]:
-    """Speakers per split for IEMOCAP fold ``1..10`` (leave-one-speaker-out).
+    """Speakers per split for IEMOCAP fold `1..10` (leave-one-speaker-out).
 
-    Session ``s = (fold + 1) // 2`` is held out; the other four sessions train.
+    Session `s = (fold + 1) // 2` is held out; the other four sessions train.
     Odd folds validate on its female speaker and test on its male speaker,
-    even folds swap the two. Speaker ids look like ``Ses01F``.
+    even folds swap the two. Speaker ids look like `Ses01F`.
 
     The reference runs the same ten splits in another order, holding out
     sessions 5, 5, 1, 1, 2, 2, 3, 3, 4, 4 (validating on F, then on M): its
-    fold ``r`` is our fold ``(r - 3) % 10 + 1`` (reference 1, 2 = our 9, 10;
-    reference 3..10 = our 1..8). See :data:`IEMOCAP_REFERENCE_FOLD`.
+    fold `r` is our fold `(r - 3) % 10 + 1` (reference 1, 2 = our 9, 10;
+    reference 3..10 = our 1..8). See `IEMOCAP_REFERENCE_FOLD`.
     """
     _check_fold(fold, IEMOCAP_NUM_FOLDS)
     session = (fold + 1) // 2
@@ -84,11 +84,11 @@ def iemocap_split(fold: int) -> dict[str, frozenset[str]]:
 
 
 def assign_splits(rows: Iterable[Row], key: str, plan: Mapping[str, frozenset], source: str) -> dict[str, list[Row]]:
-    """Route each row to the split whose group set holds ``row[key]``.
+    """Route each row to the split whose group set holds `row[key]`.
 
     Groups are compared as strings, as they read from metadata and manifests.
     A row whose group is in no split means the metadata does not follow the
-    protocol (e.g. fold 11), so it stops naming the item and ``source``.
+    protocol (e.g. fold 11), so it stops naming the item and `source`.
     """
     owner = {str(group): split for split, groups in plan.items() for group in groups}
     splits: dict[str, list[Row]] = {split: [] for split in plan}
@@ -111,11 +111,11 @@ def check_few_shot(k: object) -> int:
 
 
 def few_shot_sample(rows: Sequence[Row], k: int, seed: int, label_key: str = "label") -> list[Row]:
-    """Seeded stratified sample of exactly ``k`` rows per class.
+    """Seeded stratified sample of exactly `k` rows per class.
 
-    Rows are sorted by ``ID`` first and classes visited in sorted order, so the
-    result depends on the set of rows and ``seed`` only, never on file order.
-    Returned rows are in ``ID`` order.
+    Rows are sorted by `ID` first and classes visited in sorted order, so the
+    result depends on the set of rows and `seed` only, never on file order.
+    Returned rows are in `ID` order.
     """
     check_few_shot(k)
     by_class: dict[str, list[Row]] = defaultdict(list)

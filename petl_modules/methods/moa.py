@@ -163,17 +163,16 @@ class SoftMoA(_MixtureOfAdapters):
 
     name = "soft_moa"
 
-    def __init__(
-        self,
-        num_adapters: int = 7,
-        num_slots: int = 1,
-        normalize: bool = False,
-        reduction_rate: int = 128,
-        location: str = "MHSA",
-        adapter_block: str = "bottleneck",
-        kernel_size: int = 31,
-    ) -> None:
-        super().__init__(num_adapters, reduction_rate, location, adapter_block, kernel_size)
+    def __init__(self, *, num_slots: int = 1, normalize: bool = False, **options) -> None:
+        """Adds the Soft MoE options to the shared mixture ones.
+
+        Args:
+            num_slots: slots each expert processes; the expert cost is independent of the token count.
+            normalize: L2-normalise tokens and Phi over the feature axis, with a learned logit scale.
+            **options: the options every mixture takes (`num_adapters`, `reduction_rate`, `location`,
+                `adapter_block`, `kernel_size`), with the defaults of `_MixtureOfAdapters`.
+        """
+        super().__init__(**options)
         self.num_slots = positive_int("num_slots", num_slots)
         self.normalize = flag("normalize", normalize)
 

@@ -1,25 +1,21 @@
-"""Your own data: manifests from a folder of class sub-folders, or from a CSV ``path,label[,split]``.
+"""Your own data: manifests from a folder of class sub-folders, or from a CSV `path,label[,split]`.
 
 The layouts, the split lists and the seeded stratified split are described in
-``petl_modules/data/audiofolder.py`` and in README.md beside this file.
-Usage: ``python audiofolder_prepare.py DATA_FOLDER SAVE_FOLDER [--csv_file FILE] [--valid_list FILE]
-[--test_list FILE] [--valid_fraction F] [--test_fraction F] [--split_seed N] [--few_shot_samples K]``.
+`petl_modules/data/audiofolder.py` and in README.md beside this file.
+Usage: `python audiofolder_prepare.py DATA_FOLDER SAVE_FOLDER [--csv_file FILE] [--valid_list FILE]
+[--test_list FILE] [--valid_fraction F] [--test_fraction F] [--split_seed N] [--few_shot_samples K]`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: petl_modules
-
-from petl_modules.data import prepare_cli  # noqa: E402
-from petl_modules.data.audiofolder import prepare_audiofolder  # noqa: E402
+from petl_modules.data import prepare_cli
+from petl_modules.data.audiofolder import prepare_audiofolder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The layout and split options of :func:`prepare_audiofolder`."""
+    """The layout and split options of `prepare_audiofolder`."""
     parser.add_argument("--csv_file", default=None, help="CSV path,label[,split], relative to DATA_FOLDER")
     parser.add_argument("--valid_list", default=None, help="file of relative paths that form valid")
     parser.add_argument("--test_list", default=None, help="file of relative paths that form test")

@@ -6,19 +6,20 @@
         [--test_fraction=F] [--split_seed=N] [--few_shot_samples=K] [--any_yaml_key=value] [SpeechBrain options]
 
 (from this folder, or from the repository root with recipes/AudioFolder/ before both paths; multi-GPU: torchrun).
-See README.md beside this file for the layouts and the split, and the repository's README for the shared options.
+See README.md beside this file for the layouts and the split, and docs/recipes.md for the shared options.
 `num_classes` (null in hparams/audiofolder.yaml) becomes the prepared data's class count, and the run's
 hyperparams.yaml records it.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
 import speechbrain as sb
 from audiofolder_prepare import prepare_audiofolder
-from speechbrain.utils.distributed import run_on_main
+from speechbrain.utils.distributed import ddp_barrier, run_on_main
 
-from petl_modules.recipe import Experiment, build_datasets, input_loader, recipe_errors
+from petl_modules.recipe import RecipePlan, RunRecord, build_datasets, input_loader, recipe_errors
 from petl_modules.training import BASE_METRICS, PETLBrain, extra_train_loggers
 
 DATASET = "AudioFolder"
@@ -31,17 +32,21 @@ if __name__ == "__main__":
     sb.utils.distributed.ddp_init_group(run_opts)  # torchrun: one process per device
 
     with recipe_errors(DATASET):  # a wrong option, file or data folder: one line, exit status 1
-        # Settings checked (and reruns of finished folds found) before anything is written; a hyperparameter
-        # file that is not found as given is looked up in this recipe's folder.
-        experiment = Experiment(DATASET, hparams_file, overrides, run_opts, FOLDS, METRICS, Path(__file__).parent)
-        for fold in experiment.folds_to_run():
+        # The command checked and its folds planned (finished ones found) before anything is written; a
+        # hyperparameter file that is not found as given is looked up in this recipe's folder.
+        plan = RecipePlan(DATASET, hparams_file, overrides, run_opts, FOLDS, METRICS, Path(__file__).parent)
+        if plan.debug:  # a throw-away run in <output_folder>/debug/: emptied first, never mixed with results
+            run_on_main(shutil.rmtree, args=[plan.output_folder], kwargs={"ignore_errors": True})
+        ddp_barrier()  # every rank has planned before rank 0 writes
+        record = RunRecord(plan)
+        for fold in plan.folds_to_run():
             # Data preparation on the main process only (the others wait); classes.txt fixes the label order.
-            settings = experiment.fold_settings(fold)
+            settings = plan.fold_settings(fold)
             manifests = run_on_main(
                 prepare_audiofolder,
                 kwargs={
                     "data_folder": settings["data_folder"],
-                    "save_folder": experiment.manifest_folder,
+                    "save_folder": plan.manifest_folder,
                     "few_shot_samples": settings["few_shot_samples"],
                     "seed": settings["seed"],
                     **{key: settings[key] for key in PREPARE_OPTIONS},
@@ -49,11 +54,11 @@ if __name__ == "__main__":
             )
             # The model, with num_classes from the data (when null); then the run is recorded. --test_only reads a
             # trained run and writes nothing.
-            hparams = experiment.load_hparams(fold, manifests)
-            if not experiment.test_only:
+            hparams = plan.load_hparams(fold, manifests)
+            if not plan.test_only:
                 sb.create_experiment_directory(experiment_directory=hparams["output_folder"])
-                experiment.record_hyperparams(fold)
-            loader = input_loader(hparams, experiment.feature_cache_folder, read_only=experiment.test_only)
+                record.record_hyperparams(fold)
+            loader = input_loader(hparams, plan.feature_cache_folder, read_only=plan.test_only)
             datasets = build_datasets(manifests, loader)
 
             brain = PETLBrain(
@@ -77,5 +82,5 @@ if __name__ == "__main__":
                 max_key=hparams["selection_metric"],
                 test_loader_kwargs=hparams["test_dataloader_options"],
             )
-            experiment.finish_fold(fold, brain, manifests)
-        experiment.write_results()
+            record.finish_fold(fold, brain, manifests)
+        record.write_results()

@@ -1,9 +1,9 @@
 """ESC-50: manifests for one of the 5 cross-validation rotations.
 
-Fold ``k`` tests on fold k, validates on the fold before it (``(k - 2) % 5 + 1``,
+Fold `k` tests on fold k, validates on the fold before it (`(k - 2) % 5 + 1`,
 the reference's rotations) and trains on the other three; labels are the
-``category`` names (50 classes).
-Usage: ``python esc50_prepare.py DATA_FOLDER SAVE_FOLDER [--fold K]``.
+`category` names (50 classes).
+Usage: `python esc50_prepare.py DATA_FOLDER SAVE_FOLDER [--fold K]`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def prepare_esc50(
     few_shot_samples: int | None = None,
     seed: int = 10,
 ) -> dict[str, Path]:
-    """Write (or reuse) the manifests of rotation ``fold`` in ``save_folder/fold<k>``."""
+    """Write (or reuse) the manifests of rotation `fold` in `save_folder/fold<k>`."""
     plan = rotation_split(fold, NUM_FOLDS, valid="previous")
 
     def collect(root: Path) -> dict[str, list[dict[str, Any]]]:

@@ -1,7 +1,7 @@
 """Fluent Speech Commands: manifests for the official train/valid/test CSVs.
 
-The label is the intent ``<action>_<object>_<location>`` (31 intents).
-Usage: ``python fsc_prepare.py DATA_FOLDER SAVE_FOLDER [--few_shot_samples K]``.
+The label is the intent `<action>_<object>_<location>` (31 intents).
+Usage: `python fsc_prepare.py DATA_FOLDER SAVE_FOLDER [--few_shot_samples K]`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def prepare_fsc(
     few_shot_samples: int | None = None,
     seed: int = 10,
 ) -> dict[str, Path]:
-    """Write (or reuse) FSC manifests in ``save_folder``; returns ``{split: csv path}``."""
+    """Write (or reuse) FSC manifests in `save_folder`; returns `{split: csv path}`."""
     return prepare_dataset(
         DATASET, data_folder, save_folder, EXPECTED, _collect, few_shot_samples=few_shot_samples, seed=seed
     )

@@ -1,8 +1,8 @@
 """Google Speech Commands v2 (35 words): manifests for the official split.
 
-Valid and test are ``validation_list.txt`` and ``testing_list.txt``; train is
-every other wav in the word folders. ``_background_noise_`` is not a word.
-Usage: ``python gsc_prepare.py DATA_FOLDER SAVE_FOLDER [--few_shot_samples K]``.
+Valid and test are `validation_list.txt` and `testing_list.txt`; train is
+every other wav in the word folders. `_background_noise_` is not a word.
+Usage: `python gsc_prepare.py DATA_FOLDER SAVE_FOLDER [--few_shot_samples K]`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ LISTS = {"valid": "validation_list.txt", "test": "testing_list.txt"}
 
 
 def _read_list(path: Path) -> list[str]:
-    """Read a split list of ``word/file.wav`` entries, skipping blank lines."""
+    """Read a split list of `word/file.wav` entries, skipping blank lines."""
     if not path.is_file():
         raise DataPreparationError(f"{DATASET}: {path} not found; expected {EXPECTED}")
     entries = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
@@ -36,10 +36,10 @@ def _read_list(path: Path) -> list[str]:
 
 
 def _row(root: Path, listed_in: Path, entry: str) -> dict[str, Any]:
-    """Build one item's row, with ID ``<word>_<file stem>``.
+    """Build one item's row, with ID `<word>_<file stem>`.
 
     File names repeat across words; words have no underscore, so these IDs are
-    unique, and unlike ``word/file`` they are safe in file names.
+    unique, and unlike `word/file` they are safe in file names.
     """
     word, name = entry.split("/")
     return audio_row(DATASET, listed_in, f"{word}_{Path(name).stem}", root / entry, word)
@@ -70,7 +70,7 @@ def prepare_gsc(
     few_shot_samples: int | None = None,
     seed: int = 10,
 ) -> dict[str, Path]:
-    """Write (or reuse) GSC v2 manifests in ``save_folder``; returns ``{split: csv path}``."""
+    """Write (or reuse) GSC v2 manifests in `save_folder`; returns `{split: csv path}`."""
     return prepare_dataset(
         DATASET, data_folder, save_folder, EXPECTED, _collect, few_shot_samples=few_shot_samples, seed=seed
     )

@@ -1,10 +1,10 @@
 """IEMOCAP: 4-class emotion manifests for one of 10 leave-one-speaker-out folds.
 
 Kept labels are neu, hap, sad, ang, with exc merged into hap; every other
-label (fru, sur, xxx...) is dropped. Fold ``k`` holds out session
-``(k + 1) // 2``: odd folds validate on its female speaker and test on its male
+label (fru, sur, xxx...) is dropped. Fold `k` holds out session
+`(k + 1) // 2`: odd folds validate on its female speaker and test on its male
 speaker, even folds swap them; the other four sessions train.
-Usage: ``python iemocap_prepare.py DATA_FOLDER SAVE_FOLDER [--fold K]``.
+Usage: `python iemocap_prepare.py DATA_FOLDER SAVE_FOLDER [--fold K]`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _session_rows(root: Path, session: int) -> list[dict[str, Any]]:
     """Rows of the kept turns of one session.
 
     The speaker is the session plus the gender letter of the utterance id's
-    last part (``Ses01M_impro01_F000`` -> ``Ses01F``).
+    last part (`Ses01M_impro01_F000` -> `Ses01F`).
     """
     folder = root / f"Session{session}"
     evaluations = folder / "dialog" / "EmoEvaluation"
@@ -68,7 +68,7 @@ def prepare_iemocap(
     few_shot_samples: int | None = None,
     seed: int = 10,
 ) -> dict[str, Path]:
-    """Write (or reuse) the manifests of fold ``fold`` in ``save_folder/fold<k>``."""
+    """Write (or reuse) the manifests of fold `fold` in `save_folder/fold<k>`."""
     plan = iemocap_split(fold)
 
     def collect(root: Path) -> dict[str, list[dict[str, Any]]]:

@@ -1,11 +1,11 @@
 """UrbanSound8K: manifests for one of the 10 official folds.
 
-Fold ``k`` tests on fold k. The original protocol has no validation set and
+Fold `k` tests on fold k. The original protocol has no validation set and
 the reference code selected models on the test fold; here validation is fold
-``k % 10 + 1``, taken out of the nine training folds, and train is the
+`k % 10 + 1`, taken out of the nine training folds, and train is the
 remaining eight, so the test fold is never seen before testing.
-Labels are the ``class`` names (10 classes).
-Usage: ``python urbansound8k_prepare.py DATA_FOLDER SAVE_FOLDER [--fold K]``.
+Labels are the `class` names (10 classes).
+Usage: `python urbansound8k_prepare.py DATA_FOLDER SAVE_FOLDER [--fold K]`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def prepare_urbansound8k(
     few_shot_samples: int | None = None,
     seed: int = 10,
 ) -> dict[str, Path]:
-    """Write (or reuse) the manifests of fold ``fold`` in ``save_folder/fold<k>``."""
+    """Write (or reuse) the manifests of fold `fold` in `save_folder/fold<k>`."""
     plan = rotation_split(fold, NUM_FOLDS)
 
     def collect(root: Path) -> dict[str, list[dict[str, Any]]]:

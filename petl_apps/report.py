@@ -1,6 +1,6 @@
 """Tables and figures from recorded runs: the papers' comparison from every `results.json` below some folders.
 
-    python -m petl_modules.report RESULTS_DIR [RESULTS_DIR ...] --out DIR
+    python -m petl_apps.report RESULTS_DIR [RESULTS_DIR ...] --out DIR
 
 writes into DIR:
 
@@ -14,8 +14,8 @@ writes into DIR:
   epoch from each fold's `train_log.txt`;
 - `confusion/<same name>.png`: per run, the test confusion matrix summed over its folds, with class names.
 
-A row (:class:`Group`) is one experiment: dataset, backbone, method (results.json's `method`, what was trained)
-and every setting that defines a run (the results' `settings` less :data:`NON_DEFINING_SETTINGS`, with the
+A row (`Group`) is one experiment: dataset, backbone, method (results.json's `method`, what was trained)
+and every setting that defines a run (the results' `settings` less `NON_DEFINING_SETTINGS`, with the
 top-level `backbone_source`, `few_shot_samples` and `number_of_epochs`). Runs are in one row only when all
 of these are equal; the seed is the replicate axis, so runs that differ only in seed are one row, and a seed
 is counted once (of several results.json with the same row and seed the most recently written is used, the
@@ -288,7 +288,7 @@ def find_runs(roots: Iterable[str | Path]) -> tuple[list[Run], list[LeftOut]]:
 
     Left out, each with one log line: debug runs, untrained runs (a fold whose `epoch` is null), results
     without folds or without a method. A missing root or a file that is not a recipe's results stops with a
-    one-line ReportError. Duplicate seeds are kept here; :func:`drop_duplicates` removes them.
+    one-line ReportError. Duplicate seeds are kept here; `drop_duplicates` removes them.
     """
     runs, left_out, seen = [], [], set()
     for root in roots:
@@ -327,7 +327,7 @@ def _written(run: Run) -> tuple[int, str]:
 
 
 def drop_duplicates(runs: Iterable[Run]) -> tuple[list[Run], list[LeftOut]]:
-    """Each seed of each row once: of runs with the same row (:attr:`Run.row_key`) and seed, the most recently
+    """Each seed of each row once: of runs with the same row (`Run.row_key`) and seed, the most recently
     written results.json (ties: the last path) is kept; the others are returned as left out, one log line each.
 
     The kept runs stay in their given order.
@@ -353,7 +353,7 @@ def _method_rank(method: str) -> tuple[int, str]:
 
 
 def _comparable(settings: dict[str, Any], key: str) -> tuple[bool, str]:
-    """A setting as :attr:`Run.row_key` compares it: present or not, and its JSON text."""
+    """A setting as `Run.row_key` compares it: present or not, and its JSON text."""
     return key in settings, json.dumps(settings.get(key), sort_keys=True, default=str)
 
 
@@ -374,7 +374,7 @@ def _mark_differences(groups: Iterable[Group]) -> None:
 
 
 def group_runs(runs: Iterable[Run]) -> list[Group]:
-    """One row per (dataset, backbone, method, K, defining settings), each seed once (:func:`drop_duplicates`).
+    """One row per (dataset, backbone, method, K, defining settings), each seed once (`drop_duplicates`).
 
     Ordered by dataset, backbone, K, papers' method order, then the values of the settings the rows show.
     """
@@ -433,7 +433,7 @@ def _pyplot():
 
 
 def _ticker():
-    """matplotlib.ticker, once :func:`_pyplot` has checked matplotlib is there."""
+    """matplotlib.ticker, once `_pyplot` has checked matplotlib is there."""
     _pyplot()
     import matplotlib.ticker
 
@@ -704,7 +704,7 @@ def _left_out_summary(left_out: Sequence[LeftOut]) -> str:
 def write_report(roots: Sequence[str | Path], out: str | Path) -> Path:
     """Find the runs below `roots`, write report.md and the figures into `out`; returns report.md's path.
 
-    Only runs that :func:`find_runs` accepts and :func:`drop_duplicates` keeps reach a table or figure; the
+    Only runs that `find_runs` accepts and `drop_duplicates` keeps reach a table or figure; the
     others are listed under "Left out" with the reason (and logged, one line each).
     """
     found, left_out = find_runs(roots)
@@ -762,7 +762,7 @@ def write_report(roots: Sequence[str | Path], out: str | Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Command line; user errors end with one line on stderr and exit status 1."""
-    parser = argparse.ArgumentParser(prog="python -m petl_modules.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m petl_apps.report", description=__doc__.splitlines()[0])
     parser.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR", help="folders searched for results.json")
     parser.add_argument("--out", required=True, help="folder for report.md and the figures")
     args = parser.parse_args(argv)

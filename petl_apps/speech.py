@@ -32,7 +32,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from ..atomic import write_json_atomic
+from petl_modules.atomic import write_json_atomic
 
 SAMPLE_RATE = 16000
 CLIP_SAMPLES = SAMPLE_RATE  # 1 s clips, as in Speech Commands
@@ -81,7 +81,7 @@ PEAK = (0.2, 0.9)
 SNR_DB = (10.0, 30.0)
 NOISE_PROBABILITY = 0.5
 # The word is centred (its start still varies with its length): even +-5 % of the free time around it
-# kept the small AST from learning within the demo's minutes (measured; see petl_modules/pretrain.py).
+# kept the small AST from learning within the demo's minutes (measured; see petl_apps/pretrain.py).
 TIME_SHIFT = 0.0  # the word starts anywhere in this fraction of the free time around it, centred
 STAMP = "dataset.json"  # written last: a data folder without it is incomplete
 
@@ -322,7 +322,7 @@ def make_spoken_gsc(
     (building / "validation_list.txt").write_text("\n".join(lists["valid"]) + "\n", encoding="utf-8")
     (building / "testing_list.txt").write_text("\n".join(lists["test"]) + "\n", encoding="utf-8")
     (building / "README.md").write_text(
-        "Synthetic spoken words (eSpeak NG voices), Speech Commands v2 layout; see petl_modules/data/speech.py.\n",
+        "Synthetic spoken words (eSpeak NG voices), Speech Commands v2 layout; see petl_apps/speech.py.\n",
         encoding="utf-8",
     )
     write_json_atomic(building / STAMP, settings)

@@ -1,6 +1,6 @@
-"""Epoch wall times of real recipe runs on generated data (issue 10): `benchmark --recipe_timing`.
+"""Epoch wall times of real recipe runs on generated data: `benchmark --recipe_timing`.
 
-    python -m petl_modules.benchmark --recipe_timing --backbone_source DIR --json OUT.json [--methods lora]
+    python -m petl_apps.benchmark --recipe_timing --backbone_source DIR --json OUT.json [--methods lora]
         [--timing_epochs 3] [--timing_words 4] [--timing_clips 6] [--batch_size 8] [--num_workers 2]
         [--device cpu|cuda] [--workdir DIR]
 
@@ -27,8 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .commands import recipe_command
-from .data.synthetic import make_gsc
+from petl_apps.commands import recipe_command
+from petl_apps.synthetic import make_gsc
 
 LATER_EPOCHS_SPEEDUP = 20.0  # cached linear probing: (fill + first epoch) / later epoch, at least
 DATA_SHARE = 0.05  # data loading / training stage after the first epoch, below
@@ -40,7 +40,9 @@ class RecipeTimingError(RuntimeError):
     """A timed recipe run failed; the message ends with the run's last output."""
 
 
-def run_command(method: str, data: Path, output: Path, source: str, options: dict, *extra: str) -> list[str]:
+def run_command(
+    method: str, data: Path, output: Path, source: str, options: dict, *extra: str, recipes: str | None = None
+) -> list[str]:
     """The GSC recipe's command line for one timed run."""
     settings = {
         "data_folder": data,
@@ -54,7 +56,7 @@ def run_command(method: str, data: Path, output: Path, source: str, options: dic
         "device": options["device"],
         "log_timing": True,
     }
-    return recipe_command("GSC", method, settings, "--noprogressbar", *extra)
+    return recipe_command("GSC", method, settings, "--noprogressbar", *extra, recipes=recipes)
 
 
 def epoch_times(train_log: Path) -> list[dict[str, float]]:
@@ -136,8 +138,10 @@ def markdown(runs: dict[str, dict], targets: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def recipe_timing(source: str, methods: list[str], options: dict, workdir: str | None, log) -> dict:
-    """Every timed run (see the module doc); the JSON the benchmark writes."""
+def recipe_timing(
+    source: str, methods: list[str], options: dict, workdir: str | None, log, recipes: str | None = None
+) -> dict:
+    """Every timed run (see the module doc); the JSON the benchmark writes. `recipes`: the recipes folder."""
     if options["epochs"] < 2:
         raise RecipeTimingError("--timing_epochs must be at least 2 (later epochs are compared with the first)")
     root = Path(workdir or tempfile.mkdtemp(prefix="recipe_timing_"))
@@ -151,7 +155,9 @@ def recipe_timing(source: str, methods: list[str], options: dict, workdir: str |
     runs = {}
     for name, (method, extra) in commands.items():
         output = root / "runs" / name
-        runs[name] = timed_run(name, run_command(method, data, output, source, options, *extra), output, log)
+        runs[name] = timed_run(
+            name, run_command(method, data, output, source, options, *extra, recipes=recipes), output, log
+        )
     summary, targets = summarise(runs, methods)
     return {
         "command": sys.argv,

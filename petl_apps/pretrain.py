@@ -1,6 +1,6 @@
 """The project's own pretraining recipe: a small AST trained from random weights on synthetic spoken words.
 
-    python -m petl_modules.pretrain --output_folder=DIR [--seed=0] [--epochs=N] [--num_words=N] [--num_speakers=N]
+    python -m petl_apps.pretrain --output_folder=DIR [--seed=0] [--epochs=N] [--num_words=N] [--num_speakers=N]
 
 The task is word classification over `PRETRAIN_WORDS` (none of the Speech Commands words) spoken by the
 `pretrain` part of `speaker_splits(seed)` (no demo speaker), synthesised in memory by eSpeak NG. The result
@@ -32,11 +32,11 @@ from tqdm import tqdm
 from transformers import ASTConfig, ASTModel
 from transformers.utils import logging as hf_logging
 
-from .atomic import follow_umask, staging_folder, write_json_atomic
-from .backbones import build_backbone
-from .backbones.ast import FbankFrontEnd, SpecAugment
-from .checkpoints import ast_preprocessor_config, write_random_checkpoint
-from .data.speech import PRETRAIN_WORDS, SpeechSynthesisError, clip_settings, speaker_splits, synthesize_clips
+from petl_apps.speech import PRETRAIN_WORDS, SpeechSynthesisError, clip_settings, speaker_splits, synthesize_clips
+from petl_modules.atomic import follow_umask, staging_folder, write_json_atomic
+from petl_modules.backbones import build_backbone
+from petl_modules.backbones.ast import FbankFrontEnd, SpecAugment
+from petl_modules.random_backbones import ast_preprocessor_config, write_random_checkpoint
 
 INFO = "pretraining.json"
 

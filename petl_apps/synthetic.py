@@ -2,19 +2,22 @@
 
 Each class is a sine at a class-specific frequency plus a little noise, so a
 model can learn them; each generator reproduces the quirks of the real corpus
-that preparation and audio loading must survive. Every ``make_*`` writes under
-``root`` and returns the dataset root to pass as ``data_folder``.
+that preparation and audio loading must survive. Every `make_*` writes under
+`root` and returns the dataset root to pass as `data_folder`.
 """
 
 from __future__ import annotations
 
 import csv
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
 __all__ = [
+    "make_audiofolder",
     "IEMOCAP_RAW_LABELS",
     "URBANSOUND8K_FORMATS",
     "class_frequency",
@@ -106,12 +109,12 @@ _GSC_WORDS = (
 
 
 def class_frequency(index: int) -> float:
-    """Frequency of class ``index``: 60 classes fit below 8 kHz, the 16 kHz Nyquist."""
+    """Frequency of class `index`: 60 classes fit below 8 kHz, the 16 kHz Nyquist."""
     return 250.0 + 120.0 * index
 
 
 def _tone(index: int, duration: float, sample_rate: int, rng: np.random.Generator, channels: int = 1) -> np.ndarray:
-    """A class-``index`` sine plus noise, shape (frames, channels), peak below 0.6."""
+    """A class-`index` sine plus noise, shape (frames, channels), peak below 0.6."""
     t = np.arange(round(duration * sample_rate)) / sample_rate
     wave = 0.5 * np.sin(2 * np.pi * class_frequency(index) * t + rng.uniform(0, 2 * np.pi))
     gains = np.linspace(1.0, 0.6, channels)
@@ -138,9 +141,9 @@ def _names(pool: tuple[str, ...], count: int, fallback: str) -> list[str]:
 
 
 def make_fsc(root: Path, num_classes: int = 4, n_per_class: int = 2, seed: int = 0) -> Path:
-    """Write Fluent Speech Commands with ``num_classes`` intents.
+    """Write Fluent Speech Commands with `num_classes` intents.
 
-    ``n_per_class`` clips per intent in each official split, distinct speakers
+    `n_per_class` clips per intent in each official split, distinct speakers
     per split, the official header with its leading empty (pandas index)
     column, and transcriptions containing commas.
     """
@@ -165,9 +168,9 @@ def make_fsc(root: Path, num_classes: int = 4, n_per_class: int = 2, seed: int =
 
 
 def make_esc50(root: Path, num_classes: int = 5, n_per_fold: int = 1, duration: float = 0.5, seed: int = 0) -> Path:
-    """Write ESC-50: 44.1 kHz mono clips, ``n_per_fold`` per class and fold.
+    """Write ESC-50: 44.1 kHz mono clips, `n_per_fold` per class and fold.
 
-    The real clips are 5 s; ``duration`` defaults short for speed.
+    The real clips are 5 s; `duration` defaults short for speed.
     """
     rng = np.random.default_rng(seed)
     data_root = Path(root) / "ESC-50-master"
@@ -187,9 +190,9 @@ def make_esc50(root: Path, num_classes: int = 5, n_per_fold: int = 1, duration: 
 
 
 def make_urbansound8k(root: Path, num_classes: int = 3, n_per_fold: int = 1, seed: int = 0) -> Path:
-    """Write UrbanSound8K: ``n_per_fold`` clips per class in each of 10 folds.
+    """Write UrbanSound8K: `n_per_fold` clips per class in each of 10 folds.
 
-    Files cycle through :data:`URBANSOUND8K_FORMATS` (44.1/48/96 kHz and lower
+    Files cycle through `URBANSOUND8K_FORMATS` (44.1/48/96 kHz and lower
     rates, 8/16/24/32-bit int and float, mono to 3 channels) and vary in length.
     """
     rng = np.random.default_rng(seed)
@@ -212,9 +215,9 @@ def make_urbansound8k(root: Path, num_classes: int = 3, n_per_fold: int = 1, see
 
 
 def make_gsc(root: Path, num_words: int = 4, n_per_class: int = 2, seed: int = 0) -> Path:
-    """Write Speech Commands v2: ``n_per_class`` clips per word in each split.
+    """Write Speech Commands v2: `n_per_class` clips per word in each split.
 
-    Every third clip is shorter than 1 s; a ``_background_noise_`` folder holds
+    Every third clip is shorter than 1 s; a `_background_noise_` folder holds
     a long wav and a README, and a LICENSE sits at the root.
     """
     rng = np.random.default_rng(seed)
@@ -240,12 +243,12 @@ def make_gsc(root: Path, num_words: int = 4, n_per_class: int = 2, seed: int = 0
 
 
 def make_iemocap(root: Path, n_per_class: int = 1, dialogs_per_session: int = 2, seed: int = 0) -> Path:
-    """Write IEMOCAP: 5 sessions with ``dialogs_per_session`` dialogs each.
+    """Write IEMOCAP: 5 sessions with `dialogs_per_session` dialogs each.
 
-    Both speakers talk in every dialog, each with ``n_per_class`` turns of every
-    label in :data:`IEMOCAP_RAW_LABELS` (so exc, fru, xxx, sur appear).
+    Both speakers talk in every dialog, each with `n_per_class` turns of every
+    label in `IEMOCAP_RAW_LABELS` (so exc, fru, xxx, sur appear).
     EmoEvaluation files carry the header and evaluator lines, beside a
-    ``Categorical/`` subfolder that preparation must ignore.
+    `Categorical/` subfolder that preparation must ignore.
     """
     rng = np.random.default_rng(seed)
     data_root = Path(root) / "IEMOCAP_full_release"
@@ -280,3 +283,43 @@ def make_iemocap(root: Path, n_per_class: int = 1, dialogs_per_session: int = 2,
                 f"{dialog}_F000 :Neutral state; ()\n", encoding="utf-8"
             )
     return data_root
+
+
+def make_audiofolder(
+    root: str | os.PathLike,
+    num_classes: int = 3,
+    n_per_class: int = 6,
+    layout: str = "folders",
+    extensions: Sequence[str] = ("wav", "flac", "ogg"),
+    seed: int = 0,
+) -> Path:
+    """Write a tiny data set of your own in either layout; returns the data folder (`root`).
+
+    Class `c` is `sound_<c>` (a tone of `class_frequency(c)`); the layouts `recipes/AudioFolder` reads.
+    Files cycle through `extensions` and through 8/16/44.1 kHz, mono and stereo. `layout="folders"`
+    writes `root/sound_<c>/clip<i>.<ext>`; `"csv"` writes `root/audio/<c>_<i>.<ext>` and `root/labels.csv`
+    (`path,label`, paths relative to `root`); `"csv_split"` adds a `split` column that puts the
+    last two clips of each class in valid and test.
+    """
+    if layout not in ("folders", "csv", "csv_split"):
+        raise ValueError(f"layout must be folders, csv or csv_split, got {layout!r}")
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    rows = []
+    formats = ((16000, 1), (44100, 2), (8000, 1))
+    for c in range(num_classes):
+        for i in range(n_per_class):
+            count = c * n_per_class + i
+            sample_rate, channels = formats[count % len(formats)]
+            extension = extensions[count % len(extensions)]
+            rel = f"sound_{c}/clip{i}.{extension}" if layout == "folders" else f"audio/{c}_{i}.{extension}"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            sf.write(root / rel, _tone(c, 0.4 + 0.1 * (i % 3), sample_rate, rng, channels), sample_rate)
+            split = "valid" if i == n_per_class - 2 else "test" if i == n_per_class - 1 else "train"
+            rows.append([rel, f"sound_{c}", split])
+    if layout != "folders":
+        with open(root / "labels.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(["path", "label", "split"] if layout == "csv_split" else ["path", "label"])
+            writer.writerows(row if layout == "csv_split" else row[:2] for row in rows)
+    return root

@@ -1,10 +1,11 @@
 """Run a grid of recipe runs one after another, skip the finished ones, and end with the report.
 
-    python -m petl_modules.sweep --datasets FSC,ESC50,... --methods all|M1,M2 --data_root DIR \
+    python -m petl_apps.sweep --datasets FSC,ESC50,... --methods all|M1,M2 --data_root DIR \
         [--backbone_source ID] [--backbone ast|wav2vec2|hubert] [--seeds 1,2,3] [--few_shot_samples full,1,2,4,8] \
-        [--output_folder DIR] [--data_folder DS=DIR ...] [--print] [-- extra recipe options]
+        [--output_folder DIR] [--data_folder DS=DIR ...] [--recipes DIR] [--print] [-- extra recipe options]
 
-Every (dataset, method, seed, K) is one recipe command, run from the repository root:
+Every (dataset, method, seed, K) is one recipe command, run in the current directory, with the recipes of
+`--recipes` (default `recipes/` under the current directory, so from the repository root):
 
     python recipes/<DS>/train.py recipes/<DS>/hparams/<method>.yaml --data_folder=<data_root>/<folder> \
         --output_folder=<out>/<DS>/<method>/seed<s>[/fewshot<K>] [--backbone=B] [--backbone_source=ID] \
@@ -17,7 +18,7 @@ lists K values; `full` in the list is the whole training set (the default when t
 
 A run is finished, and skipped, when its `results.json` is not a debug run and misses no fold. Runs stream one
 status line each; a run's output goes to `<run folder>/sweep.log`. A failed run does not stop the sweep; the
-exit status is 1 when one failed. The sweep ends with `python -m petl_modules.report <out> --out <out>/report`.
+exit status is 1 when one failed. The sweep ends with `python -m petl_apps.report <out> --out <out>/report`.
 `--print` writes the commands of the unfinished runs, then the report command, one per line, for a cluster.
 """
 
@@ -35,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from petl_modules.commands import RECIPES, REPO_ROOT
+from petl_apps.commands import RecipesNotFoundError, recipes_folder
+from petl_apps.report import ReportError, write_report
 from petl_modules.hparams_loader import HparamsError, compose
-from petl_modules.report import ReportError, write_report
 
 __all__ = [
     "DATA_FOLDERS",
@@ -79,22 +80,22 @@ class SweepRun:
     seed: int
     few_shot: int | None
     output: Path
-    args: tuple[str, ...]  # after `python`, relative to the repository root
+    args: tuple[str, ...]  # after `python`, run in the current directory
 
     @property
     def title(self) -> str:
         return f"{self.dataset} {self.method} seed{self.seed}" + (f" K={self.few_shot}" if self.few_shot else "")
 
 
-def recipes() -> list[str]:
-    """The recipe folders of this checkout (those with a train.py)."""
-    return sorted(path.parent.name for path in RECIPES.glob("*/train.py"))
+def recipes(folder: Path) -> list[str]:
+    """The recipes in `folder` (its sub-folders with a train.py)."""
+    return sorted(path.parent.name for path in folder.glob("*/train.py"))
 
 
-def method_files(dataset: str) -> list[str]:
+def method_files(folder: Path, dataset: str) -> list[str]:
     """The method names (file stems) of a recipe: its hparams files whose composed keys hold `method_name`."""
     methods = []
-    for path in sorted((RECIPES / dataset / "hparams").glob("*.yaml")):
+    for path in sorted((folder / dataset / "hparams").glob("*.yaml")):
         try:
             if "method_name" in compose(path):
                 methods.append(path.stem)
@@ -157,7 +158,8 @@ def _data_folders(data_root: Path | None, overrides: Sequence[str], datasets: Se
 
 def plan(args: argparse.Namespace, extra: Sequence[str]) -> list[SweepRun]:
     """Every run of the grid, in dataset, method, seed, K order."""
-    available = recipes()
+    folder = recipes_folder(args.recipes)
+    available = recipes(folder)
     datasets = _list("datasets", args.datasets)
     unknown = [d for d in datasets if d not in available]
     if unknown:
@@ -172,7 +174,7 @@ def plan(args: argparse.Namespace, extra: Sequence[str]) -> list[SweepRun]:
     out = Path(os.path.abspath(args.output_folder))
     runs = []
     for dataset in datasets:
-        methods = method_files(dataset)
+        methods = method_files(folder, dataset)
         wanted = methods if args.methods == "all" else _list("methods", args.methods)
         missing = [m for m in wanted if m not in methods]
         if missing:
@@ -183,8 +185,8 @@ def plan(args: argparse.Namespace, extra: Sequence[str]) -> list[SweepRun]:
                     output = out / dataset / method / f"seed{seed}" / (f"fewshot{k}" if k else "")
                     output = Path(os.path.normpath(output))
                     command = [
-                        f"recipes/{dataset}/train.py",
-                        f"recipes/{dataset}/hparams/{method}.yaml",
+                        str(folder / dataset / "train.py"),
+                        str(folder / dataset / "hparams" / f"{method}.yaml"),
                         f"--data_folder={folders[dataset]}",
                         f"--output_folder={output}",
                     ]
@@ -225,7 +227,7 @@ def execute(runs: Sequence[SweepRun], stream: TextIO = sys.stdout) -> list[Sweep
         with open(log, "a", encoding="utf-8") as handle:
             handle.write(f"$ python {shlex.join(run.args)}\n")
             handle.flush()
-            code = subprocess.call([sys.executable, *run.args], cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT)
+            code = subprocess.call([sys.executable, *run.args], stdout=handle, stderr=subprocess.STDOUT)
         seconds = time.monotonic() - start
         if code == 0 and is_finished(run.output):
             print(f"done in {seconds:.1f} s{_test_accuracy(run.output)}", file=stream, flush=True)
@@ -237,7 +239,7 @@ def execute(runs: Sequence[SweepRun], stream: TextIO = sys.stdout) -> list[Sweep
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m petl_modules.sweep",
+        prog="python -m petl_apps.sweep",
         description=__doc__.splitlines()[0],
         epilog="Options after `--` go to every recipe command (e.g. -- --number_of_epochs=5 --device=cuda).",
     )
@@ -252,6 +254,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", default="10", help="comma-separated seeds (default 10, the recipes' seed)")
     parser.add_argument("--few_shot_samples", default="full", help="comma-separated K per class; 'full' = all data")
     parser.add_argument("--output_folder", default="results/sweep", help="root of the run folders and the report")
+    parser.add_argument("--recipes", default=None, help="the recipes folder (default: recipes/ here)")
     parser.add_argument("--print", action="store_true", help="only print the commands of the unfinished runs")
     return parser
 
@@ -262,7 +265,7 @@ def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
     args = _parser().parse_args(argv[:split])
     out = Path(os.path.abspath(args.output_folder))
-    report_args = ["-m", "petl_modules.report", str(out), "--out", str(out / REPORT_FOLDER)]
+    report_args = ["-m", "petl_apps.report", str(out), "--out", str(out / REPORT_FOLDER)]
     try:
         runs = plan(args, argv[split + 1 :])
         if args.print:
@@ -279,7 +282,7 @@ def main(argv: Sequence[str] | None = None, stream: TextIO = sys.stdout) -> int:
             )
         failed = execute(runs, stream)
         report = write_report([out], out / REPORT_FOLDER)
-    except (SweepError, ReportError) as error:
+    except (SweepError, ReportError, RecipesNotFoundError) as error:
         print(f"sweep: error: {error}", file=sys.stderr)
         return 1
     print(f"report: {report}", file=stream)

@@ -1,12 +1,12 @@
 """The main job on the embedded default: transfer learning on spoken words with a small AST we pretrain.
 
-    python -m petl_modules.demo [--output_folder=demo_output] [--methods=linear,lora,...] [--epochs=N]
+    python -m petl_apps.demo [--output_folder=demo_output] [--methods=linear,lora,...] [--epochs=N]
 
 Three stages, one progress bar each (the detailed logs go to the run folders):
 
 1. data: the ten Speech Commands command words spoken by eSpeak NG voices in the Speech Commands v2
-   layout (`petl_modules/data/speech.py`), voices disjoint between train, valid and test;
-2. backbone: a small AST pretrained on other words by other voices (`petl_modules/pretrain.py`);
+   layout (`petl_apps/speech.py`), voices disjoint between train, valid and test;
+2. backbone: a small AST pretrained on other words by other voices (`petl_apps/pretrain.py`);
 3. one run of the GSC recipe (`recipes/GSC/train.py`, as a subprocess) per method, including
    `linear_random_init`, linear probing on the same architecture with random weights.
 
@@ -31,16 +31,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .atomic import write_json_atomic, write_text_atomic
-from .commands import method_hparams, recipe_command
-from .data.speech import GSC_COMMAND_WORDS, STAMP, SpeechSynthesisError, make_spoken_gsc, speaker_splits
-from .pretrain import INFO, PretrainSettings, is_complete, pretrain
+from petl_apps.commands import RecipesNotFoundError, method_hparams, recipe_command, recipes_folder
+from petl_apps.pretrain import INFO, PretrainSettings, is_complete, pretrain
+from petl_apps.speech import GSC_COMMAND_WORDS, STAMP, SpeechSynthesisError, make_spoken_gsc, speaker_splits
+from petl_modules.atomic import write_json_atomic, write_text_atomic
 
 DEFAULT_METHODS = ("linear_random_init", "linear", "full_ft", "lora", "conformer_adapter", "soft_moa")
 # Speakers per split and clips per speaker and word (10 words): 400 train, 100 valid, 300 test clips.
 SPEAKERS = {"train": 20, "valid": 10, "test": 30}
 CLIPS_PER_SPEAKER = {"train": 2, "valid": 1, "test": 1}
-PRETRAIN = PretrainSettings()  # the backbone: see petl_modules/pretrain.py
+PRETRAIN = PretrainSettings()  # the backbone: see petl_apps/pretrain.py
 DEFAULT_EPOCHS = 10
 BATCH_SIZE = 32
 # Per-method options on this small backbone and data set (the methods' files keep the papers' values).
@@ -95,8 +95,8 @@ def make_data(paths: DemoPaths, seed: int) -> Path:
     return root
 
 
-def demo_command(method: str, paths: DemoPaths, data_root: Path, epochs: int) -> list[str]:
-    """The GSC recipe's command line for `method` on the demo's data and backbone."""
+def demo_command(method: str, paths: DemoPaths, data_root: Path, epochs: int, recipes: Path | None = None) -> list[str]:
+    """The GSC recipe's command line for `method` on the demo's data and backbone (`recipes`: the recipes folder)."""
     settings = {
         "data_folder": data_root,
         "output_folder": paths.runs / method,
@@ -108,7 +108,7 @@ def demo_command(method: str, paths: DemoPaths, data_root: Path, epochs: int) ->
         "num_workers": 0,
         "device": "cpu",
     }
-    return recipe_command("GSC", method, settings, "--noprogressbar", *METHOD_OPTIONS.get(method, ()))
+    return recipe_command("GSC", method, settings, "--noprogressbar", *METHOD_OPTIONS.get(method, ()), recipes=recipes)
 
 
 def _epochs_logged(train_log: Path) -> int:
@@ -117,7 +117,7 @@ def _epochs_logged(train_log: Path) -> int:
     return sum(line.startswith("epoch:") for line in train_log.read_text().splitlines())
 
 
-def run_method(method: str, paths: DemoPaths, data_root: Path, epochs: int) -> dict:
+def run_method(method: str, paths: DemoPaths, data_root: Path, epochs: int, recipes: Path | None = None) -> dict:
     """Stage 3, one method: the recipe in a subprocess (log in the run folder), or its finished run.
 
     A run is reused when it finished with the same command line on the same data and backbone; any other
@@ -125,7 +125,7 @@ def run_method(method: str, paths: DemoPaths, data_root: Path, epochs: int) -> d
     """
     folder = paths.runs / method
     info_file = folder / RUN_INFO
-    command = demo_command(method, paths, data_root, epochs)
+    command = demo_command(method, paths, data_root, epochs, recipes)
     inputs = inputs_fingerprint(data_root, paths.backbone)
     with tqdm(total=epochs, desc=method, unit="epoch") as bar:
         if info_file.is_file() and (folder / "results.json").is_file():
@@ -206,13 +206,13 @@ The real benchmark (hub checkpoint + the real Speech Commands v2; GPU recommende
     huggingface-cli download MIT/ast-finetuned-audioset-10-10-0.4593 --local-dir checkpoints/ast
     python recipes/GSC/train.py recipes/GSC/hparams/<method>.yaml --data_folder=DIR/speech_commands_v0.02 \\
         --output_folder=results/GSC/<method> --backbone_source=checkpoints/ast
-    python -m petl_modules.report results --out report
+    python -m petl_apps.report results --out report
 (the other datasets: recipes/<DS>/README.md)"""
 
 
 def write_report(runs: Path, out: Path) -> Path | None:
     """The `report` command's output for the demo's runs (table and accuracy-vs-parameters plot)."""
-    from . import report
+    from petl_apps import report
 
     return report.main([str(runs), "--out", str(out)])
 
@@ -225,9 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--seed", type=int, default=0, help="data, speakers and pretraining")
+    parser.add_argument("--recipes", default=None, help="the recipes folder (default: recipes/ here)")
     args = parser.parse_args(argv)
     methods = [method for method in args.methods.split(",") if method]
-    missing = [m for m in methods if not method_hparams("GSC", m).is_file()]
+    try:
+        recipes = recipes_folder(args.recipes).resolve()
+    except RecipesNotFoundError as error:
+        print(f"demo: error: {error}", file=sys.stderr)
+        return 1
+    missing = [m for m in methods if not method_hparams("GSC", m, recipes).is_file()]
     if missing:
         print(
             f"demo: error: --methods: no recipes/GSC/hparams/{missing[0]}.yaml; use the names of that folder",
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"backbone: pretraining a small AST once, cached in {paths.backbone}", flush=True)
         pretrain(paths.backbone, settings)
         for method in methods:
-            run_method(method, paths, data_root, args.epochs)
+            run_method(method, paths, data_root, args.epochs, recipes)
     except (DemoError, SpeechSynthesisError) as error:
         print(f"demo: error: {error}", file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """Parameter summary of a model declared in HyperPyYAML, without data or training.
 
-    python -m petl_modules.summary HPARAMS.yaml [--key=value ...] [--json]
+    python -m petl_apps.summary HPARAMS.yaml [--key=value ...] [--json]
 
 Works on a recipe's file (recipes/<DS>/hparams/<method>.yaml, no data needed) and on a method block alone
 (petl_modules/hparams/methods/*.yaml), which is completed with the library's model block.
@@ -12,9 +12,9 @@ import json
 import sys
 import tempfile
 
-from .backbones.loading import BackboneLoadError
-from .hparams_loader import LIBRARY_HPARAMS, HparamsError, compose, load_hparams
-from .model import PETLModel
+from petl_modules.backbones.loading import BackboneLoadError
+from petl_modules.hparams_loader import LIBRARY_HPARAMS, HparamsError, compose, load_hparams
+from petl_modules.model import PETLModel
 
 
 def summarize(model: PETLModel, method_name: str | None = None) -> dict:
@@ -47,7 +47,7 @@ def split_arguments(argv: list[str]) -> tuple[str, dict, bool]:
     """HPARAMS.yaml, the --key=value overrides (YAML values) and --json."""
     files = [arg for arg in argv if not arg.startswith("--")]
     if len(files) != 1:
-        raise HparamsError("usage: python -m petl_modules.summary HPARAMS.yaml [--key=value ...] [--json]")
+        raise HparamsError("usage: python -m petl_apps.summary HPARAMS.yaml [--key=value ...] [--json]")
     overrides, as_json = {}, False
     for arg in argv:
         if arg == "--json":
