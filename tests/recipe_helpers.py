@@ -89,14 +89,19 @@ def train_script(dataset: str) -> str:
 
 
 def run_recipe(
-    dataset: str, args: Sequence[str], cwd: Path | None = None, timeout: int = 600
+    dataset: str,
+    args: Sequence[str],
+    cwd: Path | None = None,
+    timeout: int = 600,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """`python recipes/<dataset>/train.py ARGS` in a subprocess (cwd: the repository root by default)."""
+    """`python recipes/<dataset>/train.py ARGS` in a subprocess (cwd: the repository root by default; `env` adds
+    variables)."""
     return subprocess.run(
         [sys.executable, train_script(dataset), *args],
         capture_output=True,
         text=True,
-        env=ENV,
+        env={**ENV, **(env or {})},
         cwd=cwd or REPO,
         timeout=timeout,
     )

@@ -149,6 +149,17 @@ def test_one_line_on_stderr_and_no_torchvision_line():
     assert process.stderr.strip().splitlines() == ["GSC recipe: error: --lr must be a number, got 'abc'"]
 
 
+def test_petl_traceback_shows_the_traceback_of_a_user_error():
+    env = {"PETL_TRACEBACK": "1"}
+    process = run_recipe("GSC", [str(REPO / "recipes/GSC/hparams/lora.yaml"), "--lr=abc", "--device=cpu"], env=env)
+    assert process.returncode == 1
+    assert "Traceback (most recent call last)" in process.stderr
+    assert (
+        process.stderr.strip().splitlines()[-1]
+        == "petl_modules.hparams_loader.HparamsError: --lr must be a number, got 'abc'"
+    )
+
+
 @pytest.mark.parametrize(
     ("wrong", "fixed", "message"),
     [

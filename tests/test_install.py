@@ -91,3 +91,19 @@ def test_the_installed_package_runs_the_recipes_and_tools_from_elsewhere(install
     assert plan.stdout.splitlines()[0].startswith(f"python {RECIPES}/GSC/train.py {RECIPES}/GSC/hparams/lora.yaml ")
     old_name = run(python, env, work, "-m", "petl_modules.report", "--help")  # the name before petl_apps
     assert old_name.stdout.startswith("usage: python -m petl_apps.report")
+
+
+def test_every_old_command_name_runs_its_new_module():
+    """`python -m petl_modules.<old name>` finds the file of the module that replaced it (`aliases.ALIASES`)."""
+    import importlib.util
+
+    from petl_modules.aliases import ALIASES
+
+    assert set(ALIASES) == {
+        *(f"petl_modules.{name}" for name in ("benchmark", "demo", "pretrain", "recipe_timing", "report", "summary")),
+        "petl_modules.sweep",
+        "petl_modules.checkpoints",
+    }
+    for old, new in ALIASES.items():
+        assert importlib.util.find_spec(old).origin == importlib.util.find_spec(new).origin
+    assert importlib.util.find_spec("petl_modules.checkpoints").origin.endswith("petl_modules/random_backbones.py")
