@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from .atomic import follow_umask, staging_folder, write_json_atomic
-from .backbones import DEFAULT_AST_SOURCE, DEFAULT_WAV2VEC2_SOURCE, ASTBackbone, BackboneLoadError
+from .backbones import DEFAULT_AST_SOURCE, DEFAULT_WAV2VEC2_SOURCE, BackboneLoadError
 from .hparams_loader import HparamsError, plain_options
 from .inference import TRAINED_FILE, AudioClassifier, save_trainable, write_inference_folder
 from .methods import LoRALinear
@@ -56,8 +56,7 @@ FORMATS = ("speechbrain", "peft")
 MERGED_BACKBONE = "backbone"
 CHECKPOINT_BOOKKEEPING = ("epoch", "end-of-epoch", "unixtime")  # CKPT.yaml keys that are no metric
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
-POSITION_FILE = "position_embeddings.safetensors"  # AST's adapted grid, under its ASTModel state_dict key
-POSITION_KEY = "embeddings.position_embeddings"
+POSITION_FILE = "position_embeddings.safetensors"  # `Backbone.adapted_checkpoint`'s tensors (AST's grid)
 # The merged export: the plain backbone of <pretrained_path>/backbone, no method, the head's tensors only.
 MERGED_REPLACEMENTS = (
     f"method: !new:petl_modules.methods.LinearProbing\nbackbone_source: !ref <pretrained_path>/{MERGED_BACKBONE}\n"
@@ -93,10 +92,7 @@ def backbone_revision(source: str) -> dict:
 
 
 def input_settings(model: PETLModel) -> dict:
-    backbone = model.backbone
-    if isinstance(backbone, ASTBackbone):
-        return {"input": "fbank", **backbone.front_end.settings()}
-    return {"input": "waveform", "sample_rate": 16000, "normalize_waveform": backbone.normalize_waveform}
+    return model.backbone.input_settings()
 
 
 def lora_summary(model: PETLModel) -> dict | None:
@@ -133,37 +129,7 @@ def write_merged_backbone(model: PETLModel, folder: Path) -> None:
     unwrap_lora(backbone.model)
     backbone.model.save_pretrained(folder)
     follow_umask(folder)  # transformers writes model.safetensors 0600
-    if isinstance(backbone, ASTBackbone):
-        settings = backbone.front_end.settings()
-        preprocessor = {
-            "feature_extractor_type": "ASTFeatureExtractor",
-            "feature_size": 1,
-            "num_mel_bins": settings["num_mel_bins"],
-            "max_length": settings["target_length"],
-            "mean": settings["mean"],
-            "std": settings["std"],
-            "sampling_rate": settings["sample_rate"],
-            "do_normalize": True,
-            "padding_value": 0.0,
-            "return_attention_mask": False,
-        }
-    else:
-        preprocessor = {
-            "feature_extractor_type": "Wav2Vec2FeatureExtractor",
-            "do_normalize": backbone.normalize_waveform,
-            "sampling_rate": 16000,
-        }
-    write_json_atomic(folder / "preprocessor_config.json", preprocessor)
-
-
-def original_max_length(source: str) -> int | None:
-    """`max_length` of the backbone checkpoint as published (before the run adapted it)."""
-    from transformers import AutoConfig
-
-    try:
-        return getattr(AutoConfig.from_pretrained(source), "max_length", None)
-    except OSError as error:
-        raise InferenceError(f"--format peft: cannot read the config of {source} ({error})") from None
+    write_json_atomic(folder / "preprocessor_config.json", backbone.preprocessor_config())
 
 
 def write_peft_adapter(model: PETLModel, folder: Path, source: str) -> dict:
@@ -186,12 +152,14 @@ def write_peft_adapter(model: PETLModel, folder: Path, source: str) -> dict:
         if sum(name.endswith(owner) for name in names) != 1:
             raise InferenceError(f"--format peft: PEFT cannot save the trained module '{owner}' alone (name clash)")
     base_kwargs = {}
-    if isinstance(backbone, ASTBackbone) and original_max_length(source) != backbone.front_end.target_length:
-        # The positional grid was carried over to target_length: it travels as a file of its own, because
-        # PEFT's modules_to_save cannot name AST's `embeddings` without its `patch_embeddings`.
-        grid = {POSITION_KEY: hf_model.embeddings.position_embeddings.detach().clone()}
-        save_trainable(grid, folder / POSITION_FILE)
-        base_kwargs = {"max_length": backbone.front_end.target_length, "ignore_mismatched_sizes": True}
+    adapted = backbone.adapted_checkpoint()
+    if adapted is not None:
+        # What the backbone changed in its checkpoint (AST: the positional grid carried over to target_length)
+        # travels as a file of its own, because PEFT's modules_to_save cannot name AST's `embeddings` without
+        # its `patch_embeddings`; the base model is built with the changed config values.
+        tensors, changed_config = adapted
+        save_trainable(tensors, folder / POSITION_FILE)
+        base_kwargs = {**changed_config, "ignore_mismatched_sizes": True}
     config = peft.LoraConfig(
         r=summary["rank"],
         lora_alpha=summary["scale"] * summary["rank"],

@@ -36,7 +36,6 @@ from speechbrain.inference.interfaces import Pretrained
 from speechbrain.utils.checkpoints import mark_as_loader, register_checkpoint_hooks
 
 from .atomic import atomic_path, write_text_atomic
-from .backbones import ASTBackbone
 from .data import read_audio
 from .hparams_loader import closure, dump_tree
 from .model import PETLModel
@@ -220,8 +219,7 @@ class AudioClassifier(Pretrained):
 
     @property
     def sample_rate(self) -> int:
-        backbone = self.mods.model.backbone
-        return backbone.front_end.sample_rate if isinstance(backbone, ASTBackbone) else 16000
+        return self.mods.model.backbone.sample_rate
 
     def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> Classification:
         return self.classify_batch(wavs, wav_lens)

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones.ast import ASTBackbone
 from .model import PETLModel
 
 
@@ -43,7 +42,7 @@ def cache_blocker(model: PETLModel, augmentation: bool = False) -> str | None:
             f"cached features need method linear (linear probing); {model.method.name} changes the backbone's "
             "output as it trains: set cache_embeddings: False"
         )
-    if augmentation or getattr(model.backbone, "spec_augment", None) is not None:
+    if augmentation:
         return (
             "cached features need deterministic input: set spec_augment: False (and no augmentation) "
             "or cache_embeddings: False"
@@ -73,7 +72,7 @@ def recipe_cache_blocker(model: PETLModel, cache_embeddings: bool, spec_augment:
     """
     if not cache_embeddings:
         return "cache_embeddings: False"
-    augmented = bool(spec_augment) and isinstance(model.backbone, ASTBackbone)
+    augmented = bool(spec_augment) and model.backbone.front_end is not None
     return cache_blocker(model, augmented)
 
 

@@ -54,7 +54,7 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 from speechbrain.utils.seed import seed_everything
 
 from .atomic import follow_umask, write_json_atomic, write_text_atomic
-from .backbones import ASTBackbone, BackboneLoadError
+from .backbones import BackboneLoadError
 from .backbones.base import OptionError
 from .data import (
     CLASSES_FILE,
@@ -185,7 +185,7 @@ def input_loader(hparams: Mapping, cache_folder: Path, read_only: bool = False) 
     if model.method.name == "linear":
         logger.info("Linear probing runs the backbone every step: %s", blocker)
     backbone = model.backbone
-    if not (hparams["cache_features"] and isinstance(backbone, ASTBackbone)):
+    if not (hparams["cache_features"] and backbone.front_end is not None):
         return read_audio
     front_end = backbone.front_end
     return FeatureCache(folder, front_end.single, front_end.settings(), read_only=read_only)

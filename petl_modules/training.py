@@ -35,7 +35,6 @@ from speechbrain.utils.checkpoints import (
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process
 from torch.utils.data import DataLoader
 
-from .backbones.ast import ASTBackbone
 from .linear_cached import PooledOrFull, recipe_cache_blocker
 from .model import PETLModel
 
@@ -297,7 +296,7 @@ class PETLBrain(sb.Brain):
         self.train_loss: float | None = None
         self.test_stats: dict | None = None
         self.augment_fbank = bool(getattr(self.hparams, "spec_augment", False))
-        if self.augment_fbank and not isinstance(self.hparams.model.backbone, ASTBackbone):
+        if self.augment_fbank and self.hparams.model.backbone.front_end is None:
             logger.info(
                 "SpecAugment skipped: %s takes waveforms, not an fbank", type(self.hparams.model.backbone).__name__
             )
@@ -407,8 +406,7 @@ class PETLBrain(sb.Brain):
         inputs, lengths = batch.sig  # waveforms (batch, samples) or cached fbank (batch, frames, mel)
         if stage == sb.Stage.TRAIN and self.augment_fbank:
             backbone = self.hparams.model.backbone
-            fbank = inputs if inputs.dim() == 3 else backbone.front_end(inputs, lengths)
-            inputs = self.hparams.augmentation(fbank)
+            inputs = self.hparams.augmentation(backbone.features(inputs, lengths))
         return self.modules.model(inputs, lengths)
 
     def compute_objectives(self, logits: torch.Tensor, batch, stage: sb.Stage) -> torch.Tensor:

@@ -234,23 +234,6 @@ def test_cached_fbank_gives_the_same_logits_and_is_computed_once(checkpoints, tm
         cache(tmp_path / "missing.wav")
 
 
-def test_spec_augment_applies_to_cached_features_in_training_only(checkpoints):
-    from tiny_models import build_model
-
-    from petl_modules.backbones.ast import SpecAugment
-
-    model = build_model(checkpoints["ast"], "linear")
-    model.backbone.spec_augment = SpecAugment(freq_mask=24, time_mask=80)
-    features = torch.randn(4, 100, 128)
-    model.train()
-    torch.manual_seed(0)
-    trained = model(features)
-    model.eval()
-    with torch.no_grad():
-        assert not torch.allclose(trained, model(features))
-        torch.testing.assert_close(model(features), model(features))
-
-
 QUIET = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0)
 
 

@@ -11,10 +11,15 @@ import torch.nn.functional as F
 from tiny_models import TARGET_LENGTH, waveforms, write_checkpoints
 
 from petl_modules.backbones import build_backbone
-from petl_modules.backbones.ast import SpecAugment
 from petl_modules.data.audio import read_audio
 from petl_modules.data.embedding_cache import embedding_cache
-from petl_modules.linear_cached import head_norm, logits_from_pooled, pooled_features
+from petl_modules.linear_cached import (
+    check_cacheable,
+    head_norm,
+    logits_from_pooled,
+    pooled_features,
+    recipe_cache_blocker,
+)
 from petl_modules.methods import METHODS
 from petl_modules.model import PETLModel
 
@@ -186,7 +191,8 @@ def test_cache_refuses_methods_and_inputs_that_change_during_training(checkpoint
     two_norms = linear_probe(checkpoints["wav2vec2_stable"], head_norm=True, train_final_norm=True)
     with pytest.raises(ValueError, match="head_norm: True .* need train_final_norm: False"):
         pooled_features(two_norms, *waveforms(2))
-    augmented = linear_probe(checkpoints["ast"], "mean")
-    augmented.backbone.spec_augment = SpecAugment(4, 4)
     with pytest.raises(ValueError, match="deterministic input: set spec_augment: False"):
-        pooled_features(augmented, *waveforms(2))
+        check_cacheable(linear_probe(checkpoints["ast"], "mean"), augmentation=True)
+    # SpecAugment runs on a front end's features only: a waveform backbone's recipe run still caches.
+    assert recipe_cache_blocker(linear_probe(checkpoints["wav2vec2_stable"]), True, spec_augment=True) is None
+    assert "deterministic input" in recipe_cache_blocker(linear_probe(checkpoints["ast"]), True, spec_augment=True)

@@ -132,8 +132,8 @@ class ASTBackbone(Backbone):
         self.model = load_pretrained(ASTModel, source, ("audio-spectrogram-transformer",))
         config = self.model.config
         self.hidden_size = config.hidden_size
+        self.published_max_length = config.max_length  # the checkpoint's input length, before _set_target_length
         self._set_target_length(target_length)
-        self.spec_augment: SpecAugment | None = None  # set by recipes that train with SpecAugment
         preprocessor = read_preprocessor_config(source)
         self.front_end = FbankFrontEnd(
             target_length,
@@ -151,7 +151,8 @@ class ASTBackbone(Backbone):
         old_shape = patch_grid_shape(config, config.max_length)
         new_shape = patch_grid_shape(config, target_length)
         table = embeddings.position_embeddings.data
-        special, grid = table[:, :2], table[:, 2:].reshape(1, *old_shape, -1)
+        tokens = self.num_special_tokens
+        special, grid = table[:, :tokens], table[:, tokens:].reshape(1, *old_shape, -1)
         grid = adapt_position_grid(grid, new_shape).reshape(1, new_shape[0] * new_shape[1], -1)
         embeddings.position_embeddings = nn.Parameter(torch.cat([special, grid], dim=1).contiguous())
         config.max_length = target_length
@@ -159,6 +160,35 @@ class ASTBackbone(Backbone):
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.layers
+
+    @property
+    def padding_invariant(self) -> bool:
+        return True  # each file's fbank is computed alone, padded in the fbank domain
+
+    def input_settings(self) -> dict:
+        return {"input": "fbank", **self.front_end.settings()}
+
+    def preprocessor_config(self) -> dict:
+        settings = self.front_end.settings()
+        return {
+            "feature_extractor_type": "ASTFeatureExtractor",
+            "feature_size": 1,
+            "num_mel_bins": settings["num_mel_bins"],
+            "max_length": settings["target_length"],
+            "mean": settings["mean"],
+            "std": settings["std"],
+            "sampling_rate": settings["sample_rate"],
+            "do_normalize": True,
+            "padding_value": 0.0,
+            "return_attention_mask": False,
+        }
+
+    def adapted_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The positional grid carried over to `target_length`, when it differs from the checkpoint's."""
+        if self.front_end.target_length == self.published_max_length:
+            return None
+        table = self.model.embeddings.position_embeddings.detach().clone()
+        return {"embeddings.position_embeddings": table}, {"max_length": self.front_end.target_length}
 
     @property
     def final_norm(self) -> nn.LayerNorm:
@@ -173,7 +203,4 @@ class ASTBackbone(Backbone):
 
         AST pads in the fbank domain and attends to every token, as it was trained: no padding mask.
         """
-        fbank = inputs if inputs.dim() == 3 else self.front_end(inputs, lengths)
-        if self.spec_augment is not None:
-            fbank = self.spec_augment(fbank)
-        return self.model.embeddings(fbank), None
+        return self.model.embeddings(self.features(inputs, lengths)), None

@@ -30,10 +30,23 @@ class ForwardState:
 
 
 class Backbone(nn.Module):
-    """A pretrained transformer encoder with the hooks the tuning methods use.
+    """A pretrained transformer encoder with the hooks the tuning methods use, and what callers need to know.
 
-    Subclasses set `model` (the Hugging Face model), `hidden_size`, the attribute names of the
-    sub-layers, and implement `embed` (input -> tokens before the first layer).
+    Subclasses set `model` (the Hugging Face model), `hidden_size`, the attribute names of the sub-layers, and
+    implement `embed` (input -> tokens before the first layer). What callers outside `backbones/` need is said
+    here, so that none of them asks which backbone it has:
+
+    - `front_end`: the deterministic module that turns waveforms into the features `embed` takes (AST's fbank),
+      or None when the encoder reads waveforms. A front end has `single(wav)`, `settings()` (what its features
+      depend on: the key of a feature cache), `sample_rate`, and `forward(wavs, wav_lens)`. SpecAugment and
+      the feature cache apply only where there is one.
+    - `sample_rate`: what the input waveforms must be.
+    - `padding_invariant`: whether a file's output is the same alone and in a zero-padded batch.
+    - `input_settings()`: the input contract an export records; `preprocessor_config()`: the Hugging Face
+      `preprocessor_config.json` of the backbone as it runs; `adapted_checkpoint()`: tensors and config values
+      the backbone changed in its checkpoint (AST's positional grid), which an export in the checkpoint's own
+      format must carry.
+    - `num_special_tokens`: [CLS]-like tokens in front of the sequence.
     """
 
     model: nn.Module
@@ -48,6 +61,8 @@ class Backbone(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        self.front_end: nn.Module | None = None  # set by a backbone with a front end (an instance attribute:
+        # a class attribute would hide the submodule nn.Module registers)
         self.state = ForwardState()
         # Callables (layer_index, tokens, mask) -> (tokens, mask) run before each layer: prompt tuning.
         self.token_hooks = nn.ModuleList()
@@ -60,6 +75,37 @@ class Backbone(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         raise NotImplementedError
+
+    @property
+    def sample_rate(self) -> int:
+        return self.front_end.sample_rate if self.front_end is not None else 16000
+
+    @property
+    def padding_invariant(self) -> bool:
+        raise NotImplementedError
+
+    def features(self, inputs: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """What `embed` reads: the front end's features of waveforms (batch, samples), or `inputs` themselves
+        when they are features computed ahead (batch, frames, bins: the feature cache) or there is no front
+        end.
+        """
+        if self.front_end is None or inputs.dim() == 3:
+            return inputs
+        return self.front_end(inputs, lengths)
+
+    def input_settings(self) -> dict:
+        """What the input must be, as an export records it."""
+        raise NotImplementedError
+
+    def preprocessor_config(self) -> dict:
+        """The `preprocessor_config.json` of this backbone as it runs (Hugging Face's feature extractor)."""
+        raise NotImplementedError
+
+    def adapted_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """Tensors of `model` (by state-dict name) and config values this backbone changed in its checkpoint,
+        None when it runs the checkpoint as published.
+        """
+        return None
 
     @property
     def num_output_special_tokens(self) -> int:

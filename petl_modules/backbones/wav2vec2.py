@@ -46,6 +46,21 @@ class Wav2Vec2Backbone(Backbone):
         return self.model.encoder.layers
 
     @property
+    def padding_invariant(self) -> bool:
+        """Only "layer"-norm CNNs: the base checkpoints' group norm spans the whole padded input."""
+        return getattr(self.model.config, "feat_extract_norm", None) == "layer"
+
+    def input_settings(self) -> dict:
+        return {"input": "waveform", "sample_rate": self.sample_rate, "normalize_waveform": self.normalize_waveform}
+
+    def preprocessor_config(self) -> dict:
+        return {
+            "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+            "do_normalize": self.normalize_waveform,
+            "sampling_rate": self.sample_rate,
+        }
+
+    @property
     def final_norm(self) -> nn.LayerNorm | None:
         # Pre-LN ("stable") encoders close with a LayerNorm; post-LN ones apply it before the layers.
         return self.model.encoder.layer_norm if self.stable_layer_norm else None

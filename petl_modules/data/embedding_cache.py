@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..atomic import atomic_path
-from ..backbones.ast import ASTBackbone
 from ..linear_cached import check_cacheable, head_norm, pooled_features
 from ..model import PETLModel
 from .audio import read_audio
@@ -56,19 +55,13 @@ def embedding_settings(model: PETLModel) -> dict:
         "pooling": model.head.pooling,
         "norm_eps": None if norm is None else norm.eps,
     }
-    front_end = getattr(backbone, "front_end", None)
-    if front_end is not None:
-        settings["front_end"] = front_end.settings()
-    if hasattr(backbone, "normalize_waveform"):
-        settings["normalize_waveform"] = backbone.normalize_waveform
+    settings["input"] = backbone.input_settings()
     return settings
 
 
 def padding_invariant(model: PETLModel) -> bool:
     """Whether a file's vector is the same alone and in a zero-padded batch (AST; LayerNorm-CNN Wav2Vec2)."""
-    backbone = model.backbone
-    config = getattr(getattr(backbone, "model", None), "config", None)
-    return isinstance(backbone, ASTBackbone) or getattr(config, "feat_extract_norm", None) == "layer"
+    return model.backbone.padding_invariant
 
 
 def _read_batch(paths: list[str]) -> tuple[list[str], list[torch.Tensor]]:
