@@ -1,8 +1,9 @@
 """Run a grid of recipe runs one after another, skip the finished ones, and end with the report.
 
     python -m petl_apps.sweep --datasets FSC,ESC50,... --methods all|M1,M2 --data_root DIR \
-        [--backbone_source ID] [--backbone ast|wav2vec2|hubert] [--seeds 1,2,3] [--few_shot_samples full,1,2,4,8] \
-        [--output_folder DIR] [--data_folder DS=DIR ...] [--recipes DIR] [--print] [-- extra recipe options]
+        [--backbone_source ID] [--backbone ast|wav2vec2|hubert|data2vec|wavlm] [--seeds 1,2,3] \
+        [--few_shot_samples full,1,2,4,8] [--output_folder DIR] [--data_folder DS=DIR ...] [--recipes DIR] \
+        [--print] [-- extra recipe options]
 
 Every (dataset, method, seed, K) is one recipe command, run in the current directory, with the recipes of
 `--recipes` (default `recipes/` under the current directory, so from the repository root):
@@ -38,6 +39,7 @@ from typing import TextIO
 
 from petl_apps.commands import RecipesNotFoundError, recipes_folder
 from petl_apps.report import ReportError, write_report
+from petl_modules.backbones import BACKBONES
 from petl_modules.hparams_loader import HparamsError, compose
 
 __all__ = [
@@ -250,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
         "--data_folder", action="append", default=[], metavar="DS=DIR", help="one dataset's folder (repeatable)"
     )
     parser.add_argument("--backbone_source", default=None, help="hub id or local folder (default: the recipe's)")
-    parser.add_argument("--backbone", default=None, choices=("ast", "wav2vec2", "hubert"))
+    parser.add_argument("--backbone", default=None, choices=BACKBONES)
     parser.add_argument("--seeds", default="10", help="comma-separated seeds (default 10, the recipes' seed)")
     parser.add_argument("--few_shot_samples", default="full", help="comma-separated K per class; 'full' = all data")
     parser.add_argument("--output_folder", default="results/sweep", help="root of the run folders and the report")

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from .atomic import follow_umask, staging_folder, write_json_atomic
-from .backbones import DEFAULT_AST_SOURCE, DEFAULT_WAV2VEC2_SOURCE, BackboneLoadError
+from .backbones import DEFAULT_SOURCES, BackboneLoadError
 from .hparams_loader import HparamsError, plain_options
 from .inference import TRAINED_FILE, AudioClassifier, save_trainable, write_inference_folder
 from .methods import LoRALinear
@@ -228,10 +228,15 @@ def export(
     if (merge or format == "peft") and lora is None:
         option = "--merge" if merge else "--format peft"
         raise InferenceError(f"{option}: only LoRA runs have that form; {trained.folder} trained '{method}'")
+    if format == "peft" and not model.backbone.peft_lora_acts:
+        raise InferenceError(
+            f"--format peft: PEFT's LoRA does not act on {type(model.backbone.model).__name__} (its attention reads "
+            "the projections' weights directly); use --merge for a standalone Hugging Face folder instead"
+        )
     groups = model.trainable_parameter_groups()
     state = model.trainable_state_dict()
     kind = str(hparams.backbone)
-    source = str(hparams.backbone_source or (DEFAULT_AST_SOURCE if kind == "ast" else DEFAULT_WAV2VEC2_SOURCE))
+    source = str(hparams.backbone_source or DEFAULT_SOURCES[kind])
     info = {
         "format": format,
         "merged": merge,

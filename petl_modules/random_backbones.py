@@ -16,7 +16,18 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import ASTConfig, ASTModel, HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model
+from transformers import (
+    ASTConfig,
+    ASTModel,
+    Data2VecAudioConfig,
+    Data2VecAudioModel,
+    HubertConfig,
+    HubertModel,
+    Wav2Vec2Config,
+    Wav2Vec2Model,
+    WavLMConfig,
+    WavLMModel,
+)
 
 from .atomic import follow_umask, staging_folder, write_text_atomic
 from .backbones.ast import AUDIOSET_MEAN, AUDIOSET_STD
@@ -29,20 +40,34 @@ TINY_CNN = dict(
     num_conv_pos_embeddings=16,
     num_conv_pos_embedding_groups=4,
 )
+# Data2Vec-audio's positional embedding is a stack of `num_conv_pos_embeddings` convolutions of
+# `conv_pos_kernel_size` (base: 5 of 19): two small ones.
+TINY_DATA2VEC_POSITIONS = dict(num_conv_pos_embeddings=2, conv_pos_kernel_size=5)
+# kind -> (config class, model class): what `python -m petl_modules.random_backbones KIND` writes.
+KINDS = {
+    "ast": (ASTConfig, ASTModel),
+    "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
+    "hubert": (HubertConfig, HubertModel),
+    "data2vec": (Data2VecAudioConfig, Data2VecAudioModel),
+    "wavlm": (WavLMConfig, WavLMModel),  # tiny: WavLM's 320 relative-position buckets up to 800 frames, as base
+}
 
 
 def backbone_config(kind: str, size: str = "tiny", **overrides):
     """The config of a `kind` backbone at `size` ("tiny" or "base"), with `overrides` applied."""
     if size not in ("tiny", "base"):
         raise ValueError(f"size must be tiny or base; got {size!r}")
-    if kind == "ast":
-        options = dict(TINY, max_length=1024) if size == "tiny" else {}
-        return ASTConfig(**{**options, **overrides})
-    if kind in ("wav2vec2", "hubert"):
-        options = dict(TINY, **TINY_CNN) if size == "tiny" else {}
-        config_class = Wav2Vec2Config if kind == "wav2vec2" else HubertConfig
-        return config_class(**{**options, **overrides})
-    raise ValueError(f"kind must be ast, wav2vec2 or hubert; got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    if size == "base":
+        options = {}
+    elif kind == "ast":
+        options = dict(TINY, max_length=1024)
+    elif kind == "data2vec":
+        options = {**TINY, **TINY_CNN, **TINY_DATA2VEC_POSITIONS}
+    else:
+        options = dict(TINY, **TINY_CNN)
+    return KINDS[kind][0](**{**options, **overrides})
 
 
 def ast_preprocessor_config(config, mean: float = AUDIOSET_MEAN, std: float = AUDIOSET_STD) -> dict:
@@ -67,8 +92,7 @@ def write_random_checkpoint(kind: str, folder: str | Path, size: str = "tiny", s
     folder = Path(folder)
     torch.manual_seed(seed)
     config = backbone_config(kind, size, **overrides)
-    model_class = {"ast": ASTModel, "wav2vec2": Wav2Vec2Model, "hubert": HubertModel}[kind]
-    model = model_class(config)
+    model = KINDS[kind][1](config)
     if kind == "ast":  # the hub checkpoint's embeddings are trained, never zero: make ours non-zero too
         with torch.no_grad():
             model.embeddings.position_embeddings.normal_(std=0.02)
@@ -98,7 +122,7 @@ def write_random_checkpoint(kind: str, folder: str | Path, size: str = "tiny", s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=("ast", "wav2vec2", "hubert"))
+    parser.add_argument("kind", choices=tuple(KINDS))
     parser.add_argument("folder")
     parser.add_argument("--size", choices=("tiny", "base"), default="tiny")
     parser.add_argument("--seed", type=int, default=0)

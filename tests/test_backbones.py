@@ -193,7 +193,9 @@ def test_incomplete_checkpoint_is_refused(tmp_path, checkpoints):
 
 
 def test_unknown_backbone_kind_is_named():
-    with pytest.raises(ValueError, match="backbone must be one of ast, wav2vec2, hubert; got 'whisper'"):
+    with pytest.raises(
+        ValueError, match="backbone must be one of ast, wav2vec2, hubert, data2vec, wavlm; got 'whisper'"
+    ):
         build_backbone("whisper")
 
 

@@ -31,7 +31,10 @@ BAD_VALUES = {
         "--method is an object the file builds (!new:petl_modules.methods.LoRA); not a value to set: "
         "a method is chosen by its file, hparams/<method>.yaml",
     ),
-    "backbone_name": (["--backbone=whisper"], "--backbone must be one of ast, wav2vec2, hubert; got 'whisper'"),
+    "backbone_name": (
+        ["--backbone=whisper"],
+        "--backbone must be one of ast, wav2vec2, hubert, data2vec, wavlm; got 'whisper'",
+    ),
     "method_option": (
         ["--lora_scaling=fancy"],
         "LoRA: scaling must be one of reference, peft; got 'fancy' (the method's options: hparams/methods/*.yaml)",

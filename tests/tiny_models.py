@@ -17,6 +17,9 @@ CHECKPOINTS = {
     "ast": ("ast", {}),
     "wav2vec2": ("wav2vec2", {}),
     "wav2vec2_stable": ("wav2vec2", {"do_stable_layer_norm": True, "feat_extract_norm": "layer"}),
+    "data2vec": ("data2vec", {}),  # Wav2Vec2's post-LN layers, LayerNorm CNN, two stacked positional convolutions
+    "wavlm": ("wavlm", {}),  # post-LN, GroupNorm CNN (like wavlm-base-plus)
+    "wavlm_stable": ("wavlm", {"do_stable_layer_norm": True, "feat_extract_norm": "layer"}),  # like wavlm-large
 }
 TARGET_LENGTH = 100  # AST frames: 9 time columns x 12 frequency rows + 2 special tokens
 

@@ -24,9 +24,18 @@ class ForwardState:
     """Per-forward facts shared with injected modules that need them (not a module: no parameters).
 
     `padding_mask` is (batch, tokens), True on real tokens, or None when no token is padding.
+    `position_bias` is what a layer passes on to the next besides the tokens (WavLM's relative position bias,
+    (heads, tokens, tokens)), None where the architecture passes nothing. `_run_layer` sets them from its
+    arguments before each layer (so a recomputed layer reads its own again); `reset` clears them at the start
+    of each forward, so that no value of an earlier forward is ever read.
     """
 
     padding_mask: torch.Tensor | None = None
+    position_bias: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.padding_mask = None
+        self.position_bias = None
 
 
 class Backbone(nn.Module):
@@ -47,6 +56,9 @@ class Backbone(nn.Module):
       the backbone changed in its checkpoint (AST's positional grid), which an export in the checkpoint's own
       format must carry.
     - `num_special_tokens`: [CLS]-like tokens in front of the sequence.
+    - `peft_lora_acts`: whether PEFT's LoRA on the Hugging Face model's attention projections changes what
+      that model computes (False where its attention reads the projections' weights instead of calling them,
+      as WavLM's does): an export in PEFT's format needs it.
     """
 
     model: nn.Module
@@ -55,6 +67,7 @@ class Backbone(nn.Module):
     ffn_name: str
     projection_names: dict[str, str]  # "q", "k", "v", "o" -> attribute name inside the attention module
     num_special_tokens = 0  # tokens in front of the sequence that prompts are inserted after
+    peft_lora_acts = True
     # The LayerNorm of each sub-layer ("attention", "ffn") in a layer: the one in front of it (pre-LN) or the
     # one closing its residual block (post-LN). Adapters and MoA train these where the reference does.
     sublayer_norm_names: dict[str, str]
@@ -116,8 +129,8 @@ class Backbone(nn.Module):
         """The LayerNorm that belongs to `sublayer` ("attention" or "ffn") of `layer`."""
         return getattr(layer, self.sublayer_norm_names[sublayer])
 
-    def layer_dropped(self) -> bool:
-        """LayerDrop: whether the next layer is skipped (only a backbone in training mode may say yes)."""
+    def layer_dropped(self, index: int) -> bool:
+        """LayerDrop: whether layer `index` is skipped this time (only a backbone in training mode may say yes)."""
         return False
 
     @property
@@ -142,14 +155,32 @@ class Backbone(nn.Module):
         """Waveforms (batch, samples) -> tokens (batch, tokens, hidden) and their padding mask."""
         raise NotImplementedError
 
-    def layer_attention_mask(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """The mask in the form the Hugging Face layers expect."""
+    def layer_attention_mask(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None):
+        """What every layer takes besides the tokens, for the current sequence length: the mask in the form the
+        Hugging Face layers expect, or what the backbone's `_run_layer` unpacks (WavLM: with its relative
+        position bias). Computed before the first layer and again whenever a token hook changes the length,
+        outside activation checkpointing (a recomputed layer gets the same object).
+        """
         return None
+
+    def attention_logit_bias(self, attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """What the frozen `attention` module adds to its attention logits besides the padding mask, for its
+        input `hidden_states`: (batch, heads, queries, keys), or None (AST, Wav2Vec2). A module that computes
+        a layer's attention from the projections itself (prefix tuning) adds it to the same logits.
+        """
+        return None
+
+    def attention_result(self, output: torch.Tensor) -> tuple:
+        """What a layer takes back from its attention module, given the attention's output (batch, tokens,
+        hidden): Hugging Face's (output, attention weights) here, with None for the weights.
+        """
+        return output, None
 
     def forward(
         self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Waveforms -> last-layer tokens (before the final norm) and their padding mask."""
+        self.state.reset()
         tokens, mask = self.embed(wavs, wav_lens)
         layer_mask = self.layer_attention_mask(tokens, mask)
         for index, layer in enumerate(self.layers):
@@ -158,7 +189,7 @@ class Backbone(nn.Module):
                 if new_tokens.shape[1] != tokens.shape[1]:
                     layer_mask = self.layer_attention_mask(new_tokens, new_mask)
                 tokens, mask = new_tokens, new_mask
-            if self.layer_dropped():
+            if self.layer_dropped(index):
                 continue
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # The padding mask is set inside the recomputed function: injected modules read it again there.
@@ -167,9 +198,11 @@ class Backbone(nn.Module):
                 tokens = self._run_layer(layer, tokens, mask, layer_mask)
         return tokens, mask
 
-    def _run_layer(
-        self, layer: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None, layer_mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _run_layer(self, layer: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None, layer_mask) -> torch.Tensor:
+        """One layer on `tokens`, after setting the `state` its injected modules read.
+
+        `layer_mask` is what `layer_attention_mask` gave for this length.
+        """
         self.state.padding_mask = mask
         return layer(tokens, attention_mask=layer_mask)
 

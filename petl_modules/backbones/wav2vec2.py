@@ -1,20 +1,27 @@
-"""Wav2Vec 2.0 (and HuBERT, same layer layout) backbone on raw 16 kHz waveforms."""
+"""Wav2Vec 2.0 and the encoders with its layer layout (HuBERT, Data2Vec-audio) on raw 16 kHz waveforms."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import HubertModel, Wav2Vec2Model
+from transformers import Data2VecAudioModel, HubertModel, Wav2Vec2Model
 from transformers.masking_utils import create_bidirectional_mask
 
 from .base import Backbone, relative_to_mask
 from .loading import load_pretrained, read_preprocessor_config
 
 DEFAULT_WAV2VEC2_SOURCE = "facebook/wav2vec2-base-960h"
+# `backbone` names of the Wav2Vec2 family -> the Hugging Face model (its config's model_type is what a checkpoint
+# must declare: "data2vec-audio" for data2vec).
+MODEL_CLASSES = {"wav2vec2": Wav2Vec2Model, "hubert": HubertModel, "data2vec": Data2VecAudioModel}
 
 
 class Wav2Vec2Backbone(Backbone):
-    """Wav2Vec2 or HuBERT from a hub id or a local Hugging Face folder.
+    """Wav2Vec2, HuBERT or Data2Vec-audio from a hub id or a local Hugging Face folder.
+
+    The three share the CNN feature encoder, the feature projection, the convolutional positional embedding
+    in front of the layers and the layers themselves (post-LN, or pre-LN "stable" ones closed by a final
+    LayerNorm); Data2Vec-audio's positional embedding is a stack of convolutions instead of one.
 
     Padding is handled exactly: padded samples are zeroed, the frame mask follows the CNN's output
     lengths, attention never looks at padded frames, and the head pools real frames only. (Base
@@ -30,16 +37,17 @@ class Wav2Vec2Backbone(Backbone):
     projection_names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
     # Pre-LN ("stable") layers: the norm in front of each sub-layer; post-LN: the norm closing its residual block.
     sublayer_norm_names = {"attention": "layer_norm", "ffn": "final_layer_norm"}
+    model_classes = MODEL_CLASSES
 
     def __init__(self, source: str = DEFAULT_WAV2VEC2_SOURCE, model_type: str = "wav2vec2") -> None:
         super().__init__()
-        model_class = {"wav2vec2": Wav2Vec2Model, "hubert": HubertModel}
-        if model_type not in model_class:
-            raise ValueError(f"model_type must be one of {', '.join(model_class)}; got '{model_type}'")
-        self.model = load_pretrained(model_class[model_type], source, (model_type,))
+        if model_type not in self.model_classes:
+            raise ValueError(f"model_type must be one of {', '.join(self.model_classes)}; got '{model_type}'")
+        model_class = self.model_classes[model_type]
+        self.model = load_pretrained(model_class, source, (model_class.config_class.model_type,))
         self.hidden_size = self.model.config.hidden_size
         self.normalize_waveform = read_preprocessor_config(source).get("do_normalize", True)
-        self.stable_layer_norm = self.model.config.do_stable_layer_norm
+        self.stable_layer_norm = getattr(self.model.config, "do_stable_layer_norm", False)  # Data2Vec: post-LN only
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -47,8 +55,14 @@ class Wav2Vec2Backbone(Backbone):
 
     @property
     def padding_invariant(self) -> bool:
-        """Only "layer"-norm CNNs: the base checkpoints' group norm spans the whole padded input."""
-        return getattr(self.model.config, "feat_extract_norm", None) == "layer"
+        """Only "layer"-norm CNNs with one positional convolution.
+
+        The base checkpoints' group norm spans the whole padded input; Data2Vec-audio's stacked positional
+        convolutions (as Hugging Face runs them) turn the zeroed padded frames into non-zero ones that the
+        next convolution carries into the last real frames.
+        """
+        config = self.model.config
+        return config.model_type != "data2vec-audio" and getattr(config, "feat_extract_norm", None) == "layer"
 
     def input_settings(self) -> dict:
         return {"input": "waveform", "sample_rate": self.sample_rate, "normalize_waveform": self.normalize_waveform}
@@ -102,7 +116,7 @@ class Wav2Vec2Backbone(Backbone):
             tokens = encoder.layer_norm(tokens)
         return encoder.dropout(tokens), frame_mask
 
-    def layer_dropped(self) -> bool:
+    def layer_dropped(self, index: int) -> bool:
         layerdrop = self.model.config.layerdrop
         return self.model.encoder.training and layerdrop > 0 and bool(torch.rand(()) < layerdrop)
 

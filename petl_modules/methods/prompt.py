@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,7 +99,10 @@ class PrefixAttention(nn.Module):
     """The frozen attention's projections, with learned keys and values prepended to its own.
 
     Padding comes from the backbone's `ForwardState` (prefixes are never padding), not from the mask the
-    Hugging Face layer passes, whose format depends on the attention implementation.
+    Hugging Face layer passes, whose format depends on the attention implementation. The logits of the
+    layer's own keys get what the frozen attention adds to them (`Backbone.attention_logit_bias`: WavLM's
+    gated relative position bias); the prefix keys have no position and get none. The result takes the
+    form the layer expects (`Backbone.attention_result`).
     """
 
     def __init__(
@@ -107,6 +112,8 @@ class PrefixAttention(nn.Module):
         num_heads: int,
         prefix: PrefixKeysValues,
         state: ForwardState,
+        logit_bias: Callable[[nn.Module, torch.Tensor], torch.Tensor | None],
+        result: Callable[[torch.Tensor], tuple],
     ) -> None:
         super().__init__()
         self.attention = attention
@@ -114,6 +121,8 @@ class PrefixAttention(nn.Module):
         self.num_heads = num_heads
         self.prefix = prefix
         self.state = state
+        self.logit_bias = logit_bias
+        self.result = result
 
     def _project(self, which: str, x: torch.Tensor) -> torch.Tensor:
         return getattr(self.attention, self.projection_names[which])(x)
@@ -130,9 +139,13 @@ class PrefixAttention(nn.Module):
         mask = self.state.padding_mask
         if mask is not None:
             mask = F.pad(mask, (prefix_len, 0), value=True)[:, None, None, :]
+        bias = self.logit_bias(self.attention, hidden_states)
+        if bias is not None:  # (batch, heads, length, length): none on the prefix keys, -inf on padded keys
+            bias = F.pad(bias, (prefix_len, 0)).to(query.dtype)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         attended = F.scaled_dot_product_attention(query, self._heads(keys), self._heads(values), attn_mask=mask)
         output = self._project("o", attended.transpose(1, 2).reshape(batch, length, -1))
-        return output, None
+        return self.result(output)
 
 
 class PrefixTuning(Method):
@@ -150,5 +163,13 @@ class PrefixTuning(Method):
             setattr(
                 layer,
                 backbone.attention_name,
-                PrefixAttention(attention, backbone.projection_names, backbone.num_heads, prefix, backbone.state),
+                PrefixAttention(
+                    attention,
+                    backbone.projection_names,
+                    backbone.num_heads,
+                    prefix,
+                    backbone.state,
+                    backbone.attention_logit_bias,
+                    backbone.attention_result,
+                ),
             )
