@@ -1,7 +1,7 @@
 """Training-step time, peak memory, forward FLOPs and inference latency of every method, in one run.
 
-    python -m petl_apps.benchmark --backbone_source DIR --json OUT.json [--wav2vec2_source DIR]
-        [--backbones ast,wav2vec2] [--methods all|m1,m2,...] [--frames 100] [--batch_size 8]
+    python -m petl_apps.benchmark --backbone_source DIR --json OUT.json [--wav2vec2_source DIR] [--wavlm_source DIR] ...
+        [--backbones ast,wav2vec2,hubert,data2vec,wavlm] [--methods all|m1,m2,...] [--frames 100] [--batch_size 8]
         [--device cpu|cuda] [--precision fp32|bf16] [--compile] [--repeats 5] [--warmup 2]
         [--no_memory] [--no_timing]
     python -m petl_apps.benchmark --scaling --backbone_source DIR --json OUT.json --plot OUT.png
@@ -58,6 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from petl_apps.commands import RecipesNotFoundError
 from petl_apps.recipe_timing import RecipeTimingError, recipe_timing
 from petl_modules.atomic import atomic_path, write_json_atomic
+from petl_modules.backbones import BACKBONES
 from petl_modules.hparams_loader import LIBRARY_HPARAMS, load_hparams
 from petl_modules.linear_cached import logits_from_pooled, pooled_features
 from petl_modules.methods import METHOD_FILES
@@ -73,7 +74,8 @@ CHECKPOINTED = "+ckpt"
 # Methods with trainable parts inside the network: their step must stay within 1.05 x frozen_input_grad.
 INNER_METHODS = ("adapter", "conformer_adapter", "prompt_tuning", "prefix_tuning", "lora", "bitfit")
 INNER_METHODS += ("dense_moa", "soft_moa")
-SAMPLES_PER_FRAME = 160  # 10 ms at 16 kHz: Wav2Vec2 gets the audio duration of `frames` fbank frames
+SAMPLES_PER_FRAME = 160  # 10 ms at 16 kHz: waveform backbones get the audio duration of `frames` fbank frames
+SOURCE_OPTIONS = tuple(kind for kind in BACKBONES if kind != "ast")  # --<kind>_source; AST: --backbone_source
 
 
 def _count_cpu_attention() -> None:
@@ -178,8 +180,9 @@ class Row:
         if self.kind == "lora_merged":
             self.model.merge_lora()
         generator = torch.Generator().manual_seed(seed)
-        if setup.backbone == "ast":
-            shape = (setup.batch_size, setup.frames, self.model.backbone.front_end.num_mel_bins)
+        front_end = self.model.backbone.front_end
+        if front_end is not None:  # features computed ahead, as the recipes' feature cache gives them
+            shape = (setup.batch_size, setup.frames, front_end.num_mel_bins)
             self.inputs = (torch.randn(shape, generator=generator) * 0.5).to(self.device)
         else:
             shape = (setup.batch_size, setup.frames * SAMPLES_PER_FRAME)
@@ -587,8 +590,11 @@ def int_list(option: str, text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m petl_apps.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--backbone_source", help="AST: hub id or local Hugging Face folder")
-    parser.add_argument("--wav2vec2_source", help="Wav2Vec2: hub id or local Hugging Face folder")
-    parser.add_argument("--backbones", default=None, help="ast,wav2vec2 (default: those with a source)")
+    for kind in SOURCE_OPTIONS:
+        parser.add_argument(f"--{kind}_source", help=f"{kind}: hub id or local Hugging Face folder")
+    parser.add_argument(
+        "--backbones", default=None, help=f"ast,{','.join(SOURCE_OPTIONS)} (default: those with a source)"
+    )
     parser.add_argument("--json", required=False, help="write the results here")
     parser.add_argument("--methods", default="all", help="all | comma-separated rows (method+ckpt allowed)")
     parser.add_argument("--frames", type=int, default=100, help="input length in 10 ms frames")
@@ -620,15 +626,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setups(args) -> list[Setup]:
-    sources = {"ast": args.backbone_source, "wav2vec2": args.wav2vec2_source}
+    sources = {"ast": args.backbone_source, **{kind: getattr(args, f"{kind}_source") for kind in SOURCE_OPTIONS}}
     names = args.backbones.split(",") if args.backbones else [name for name, source in sources.items() if source]
     if not names:
-        raise BenchmarkError("give --backbone_source DIR (AST) and/or --wav2vec2_source DIR")
+        raise BenchmarkError("give --backbone_source DIR (AST) and/or --wav2vec2_source DIR (or --<kind>_source)")
     for name in names:
         if name not in sources:
-            raise BenchmarkError(f"--backbones: unknown backbone '{name}'; use ast and/or wav2vec2")
+            raise BenchmarkError(f"--backbones: unknown backbone '{name}'; use {', '.join(sources)}")
         if not sources[name]:
-            option = "--backbone_source" if name == "ast" else "--wav2vec2_source"
+            option = "--backbone_source" if name == "ast" else f"--{name}_source"
             raise BenchmarkError(f"--backbones {name} needs {option} DIR")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError("--device cuda: no CUDA device is visible; use --device cpu")

@@ -19,7 +19,7 @@ TOKENS = 12 * 9 + 2  # AST at 100 frames: 12 x 9 patches, [CLS], [DIST]
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("backbones")
-    return {kind: str(write_random_checkpoint(kind, root / kind)) for kind in ("ast", "wav2vec2")}
+    return {kind: str(write_random_checkpoint(kind, root / kind)) for kind in ("ast", "wav2vec2", "data2vec", "wavlm")}
 
 
 @pytest.fixture(scope="module")
@@ -221,9 +221,24 @@ def test_command_line_writes_the_json_and_prints_the_table(sources, tmp_path, ca
     assert "| backbone | method | step (s) |" in table and "| wav2vec2 | lora_merged |" in table
 
 
+def test_rows_for_the_newer_encoders(sources, tmp_path):
+    """Data2Vec-audio and WavLM take waveforms of the duration of `frames` fbank frames, like Wav2Vec2."""
+    out = tmp_path / "bench.json"
+    options = ["--methods=lora", "--frames=50", "--batch_size=2", "--repeats=1", "--warmup=0", "--no_memory"]
+    code = benchmark.main(
+        [f"--data2vec_source={sources['data2vec']}", f"--wavlm_source={sources['wavlm']}", *options, f"--json={out}"]
+    )
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["backbone"], row["method"]) for row in rows] == [("data2vec", "lora"), ("wavlm", "lora")]
+    assert all(row["step_s"] > 0 and row["forward_flops"] > 0 for row in rows)
+
+
 def test_bad_options_are_one_line_errors(sources, capsys):
     assert benchmark.main(["--methods=linear"]) == 2
-    assert "give --backbone_source DIR (AST) and/or --wav2vec2_source DIR" in capsys.readouterr().err
+    assert (
+        "give --backbone_source DIR (AST) and/or --wav2vec2_source DIR (or --<kind>_source)" in capsys.readouterr().err
+    )
     assert benchmark.main([f"--backbone_source={sources['ast']}", "--backbones=wav2vec2"]) == 2
     assert "--backbones wav2vec2 needs --wav2vec2_source DIR" in capsys.readouterr().err
     assert benchmark.main([f"--backbone_source={sources['ast']}", "--scaling", "--scaling_frames=100,x"]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -21,6 +22,14 @@ CHECKPOINTS = {
     "wavlm": ("wavlm", {}),  # post-LN, GroupNorm CNN (like wavlm-base-plus)
     "wavlm_stable": ("wavlm", {"do_stable_layer_norm": True, "feat_extract_norm": "layer"}),  # like wavlm-large
 }
+# A checkpoint's config.json `model_type` -> its `backbone` name.
+KINDS = {
+    "audio-spectrogram-transformer": "ast",
+    "wav2vec2": "wav2vec2",
+    "hubert": "hubert",
+    "data2vec-audio": "data2vec",
+    "wavlm": "wavlm",
+}
 TARGET_LENGTH = 100  # AST frames: 9 time columns x 12 frequency rows + 2 special tokens
 
 
@@ -33,8 +42,9 @@ def write_checkpoints(root: Path) -> dict[str, Path]:
 def build_model(
     checkpoint: Path, method: str = "linear", num_classes: int = 5, seed: int = 0, pooling: str = "mean", **options
 ) -> PETLModel:
-    """A PETLModel on a tiny checkpoint; the seed fixes the method's and head's initialisation."""
-    kind = "ast" if "ast" in checkpoint.name else "wav2vec2"
+    """A PETLModel on a tiny checkpoint (its kind read from its config.json); the seed fixes the method's and
+    head's initialisation."""
+    kind = KINDS[json.loads((Path(checkpoint) / "config.json").read_text())["model_type"]]
     backbone = build_backbone(kind, str(checkpoint), target_length=TARGET_LENGTH)
     torch.manual_seed(seed)
     return PETLModel(backbone, METHODS[method](**options), num_classes, pooling=pooling)
