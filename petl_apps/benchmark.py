@@ -1,7 +1,7 @@
 """Training-step time, peak memory, forward FLOPs and inference latency of every method, in one run.
 
     python -m petl_apps.benchmark --backbone_source DIR --json OUT.json [--wav2vec2_source DIR] [--wavlm_source DIR] ...
-        [--backbones ast,wav2vec2,hubert,data2vec,wavlm] [--methods all|m1,m2,...] [--frames 100] [--batch_size 8]
+        [--backbones ast,wav2vec2,...,whisper] [--methods all|m1,m2,...] [--frames 100] [--batch_size 8]
         [--device cpu|cuda] [--precision fp32|bf16] [--compile] [--repeats 5] [--warmup 2]
         [--no_memory] [--no_timing]
     python -m petl_apps.benchmark --scaling --backbone_source DIR --json OUT.json --plot OUT.png
@@ -16,8 +16,9 @@ Rows are the library's method blocks (`hparams/methods/<name>.yaml`, named as th
 `frozen_input_grad` (linear probing with the gradient also flowing through every frozen layer to the first
 layer's input: the floor of any method that trains something inside the network), `forward_only` (no
 gradients), `linear_cached` (a linear-probing step from cached pooled features, `linear_cached.py`) and
-`lora_merged` (LoRA folded into the weights: inference only). Inputs are random: AST gets normalised fbank
-features of `frames` 10-ms frames (the feature cache's form), Wav2Vec2 the waveform of the same duration.
+`lora_merged` (LoRA folded into the weights: inference only). Inputs are random: a backbone with a front end
+gets features of `frames` 10-ms frames (the feature cache's form: AST's fbank, Whisper's log-mel in its clip
+window; `--frames 3000` is Whisper's 30 s window), the waveform encoders the waveform of the same duration.
 
 What is measured, and how:
 - step_s: median wall time of a training step (forward, cross-entropy, backward, AdamW step) after

@@ -24,7 +24,8 @@ backbones/ast.py) and is written too, as `position_embeddings.safetensors`; the 
     base = ASTModel.from_pretrained(SOURCE, max_length=TARGET_LENGTH, ignore_mismatched_sizes=True)
     base.load_state_dict(safetensors.torch.load_file(DIR + "/position_embeddings.safetensors"), strict=False)
 
-(`export.json` > `peft` names the file and these keyword arguments).
+(`export.json` > `peft` names the file and these keyword arguments). Whisper's adapter sits on the encoder:
+`base_model_attribute` says to load it on `WhisperModel.from_pretrained(SOURCE, ...).encoder`.
 `--merge` (LoRA only) folds LoRA into the weights and writes `backbone/`, a standalone Hugging Face folder
 (`ASTModel.from_pretrained`, `--backbone_source`) with the trained final norm and the adapted grid;
 `trained.safetensors` then holds the head alone and `hyperparams.yaml` runs that backbone unchanged.
@@ -150,7 +151,10 @@ def write_peft_adapter(model: PETLModel, folder: Path, source: str) -> dict:
     names = [name for name, _ in hf_model.named_modules()]
     for owner in owners:  # PEFT picks modules_to_save by name suffix: each must name its module alone
         if sum(name.endswith(owner) for name in names) != 1:
-            raise InferenceError(f"--format peft: PEFT cannot save the trained module '{owner}' alone (name clash)")
+            raise InferenceError(
+                f"--format peft: PEFT cannot save the trained module '{owner}' alone (other modules' names end "
+                "with it); use --merge instead"
+            )
     base_kwargs = {}
     adapted = backbone.adapted_checkpoint()
     if adapted is not None:
@@ -181,7 +185,8 @@ def write_peft_adapter(model: PETLModel, folder: Path, source: str) -> dict:
             os.replace(follow_umask(Path(staging) / name), folder / name)  # safetensors writes 0600
     return {
         "base_model": source,
-        "base_model_class": type(backbone.model).__name__,
+        "base_model_class": backbone.checkpoint_class,
+        "base_model_attribute": backbone.checkpoint_attribute,  # Whisper: the adapter sits on `.encoder`
         "base_model_kwargs": base_kwargs,
         "modules_to_save": owners,
         "position_embeddings": POSITION_FILE if base_kwargs else None,

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .backbones import BACKBONES
+from .backbones import BACKBONES, WINDOWS
 from .hparams_loader import HparamsError, is_expression
 from .model import POOLINGS
 
@@ -66,6 +66,7 @@ RULES: dict[str, Rule] = {
     # model.yaml
     "backbone": one_of(BACKBONES),
     "target_length": POSITIVE_INT,
+    "whisper_window": one_of(WINDOWS),
     "num_classes": Rule("an integer >= 2", _integer(2), nullable=True),  # null: the data's (AudioFolder)
     "pooling": one_of(POOLINGS),
     # method blocks (hparams/methods/*.yaml), by their YAML names

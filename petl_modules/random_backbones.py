@@ -27,6 +27,9 @@ from transformers import (
     Wav2Vec2Model,
     WavLMConfig,
     WavLMModel,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
 )
 
 from .atomic import follow_umask, staging_folder, write_text_atomic
@@ -50,7 +53,38 @@ KINDS = {
     "hubert": (HubertConfig, HubertModel),
     "data2vec": (Data2VecAudioConfig, Data2VecAudioModel),
     "wavlm": (WavLMConfig, WavLMModel),  # tiny: WavLM's 320 relative-position buckets up to 800 frames, as base
+    # The hub's layout (the encoder under model.encoder); the backbone keeps the encoder alone.
+    "whisper": (WhisperConfig, WhisperForConditionalGeneration),
 }
+# openai/whisper-base (WhisperConfig's defaults are whisper-tiny's): encoder and decoder of 6 layers.
+WHISPER_BASE = dict(
+    d_model=512,
+    encoder_layers=6,
+    decoder_layers=6,
+    encoder_attention_heads=8,
+    decoder_attention_heads=8,
+    encoder_ffn_dim=2048,
+    decoder_ffn_dim=2048,
+)
+# A tiny encoder with base's 30 s window (1500 positions) and 80 mel bins; a one-layer decoder with a 64-token
+# vocabulary (its special tokens inside it), which the backbone leaves behind.
+TINY_WHISPER = dict(
+    d_model=32,
+    encoder_layers=2,
+    encoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_layers=1,
+    decoder_attention_heads=4,
+    decoder_ffn_dim=64,
+    vocab_size=64,
+    max_target_positions=32,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    decoder_start_token_id=3,
+    suppress_tokens=[],
+    begin_suppress_tokens=[],
+)
 
 
 def backbone_config(kind: str, size: str = "tiny", **overrides):
@@ -59,7 +93,9 @@ def backbone_config(kind: str, size: str = "tiny", **overrides):
         raise ValueError(f"size must be tiny or base; got {size!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
-    if size == "base":
+    if kind == "whisper":
+        options = WHISPER_BASE if size == "base" else TINY_WHISPER
+    elif size == "base":
         options = {}
     elif kind == "ast":
         options = dict(TINY, max_length=1024)
@@ -98,11 +134,13 @@ def write_random_checkpoint(kind: str, folder: str | Path, size: str = "tiny", s
             model.embeddings.position_embeddings.normal_(std=0.02)
             model.embeddings.cls_token.normal_(std=0.02)
             model.embeddings.distillation_token.normal_(std=0.02)
-    preprocessor = (
-        ast_preprocessor_config(config)
-        if kind == "ast"
-        else {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "do_normalize": True, "sampling_rate": 16000}
-    )
+    if kind == "ast":
+        preprocessor = ast_preprocessor_config(config)
+    elif kind == "whisper":
+        preprocessor = WhisperFeatureExtractor(feature_size=config.num_mel_bins).to_dict()
+    else:
+        preprocessor = {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "do_normalize": True}
+        preprocessor["sampling_rate"] = 16000
     staging = staging_folder(folder)
     try:
         model.save_pretrained(staging)

@@ -53,12 +53,10 @@ DRIVER = Path(__file__).resolve().parent / "recipe_driver.py"
 
 
 def write_workspace(root: Path) -> dict[str, Path]:
-    """Every dataset and the tiny AST / wav2vec2 / data2vec / wavlm checkpoints under `root`."""
+    """Every dataset and the tiny AST / wav2vec2 / data2vec / wavlm / whisper checkpoints under `root`."""
     paths = {name: make(root / "data" / name) for name, (make, _, _) in DATASETS.items()}
-    paths["ast"] = write_random_checkpoint("ast", root / "ast")
-    paths["wav2vec2"] = write_random_checkpoint("wav2vec2", root / "wav2vec2")
-    paths["data2vec"] = write_random_checkpoint("data2vec", root / "data2vec")
-    paths["wavlm"] = write_random_checkpoint("wavlm", root / "wavlm")
+    for kind in ("ast", "wav2vec2", "data2vec", "wavlm", "whisper"):
+        paths[kind] = write_random_checkpoint(kind, root / kind)
     return paths
 
 

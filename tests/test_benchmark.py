@@ -19,7 +19,8 @@ TOKENS = 12 * 9 + 2  # AST at 100 frames: 12 x 9 patches, [CLS], [DIST]
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("backbones")
-    return {kind: str(write_random_checkpoint(kind, root / kind)) for kind in ("ast", "wav2vec2", "data2vec", "wavlm")}
+    kinds = ("ast", "wav2vec2", "data2vec", "wavlm", "whisper")
+    return {kind: str(write_random_checkpoint(kind, root / kind)) for kind in kinds}
 
 
 @pytest.fixture(scope="module")
@@ -222,15 +223,15 @@ def test_command_line_writes_the_json_and_prints_the_table(sources, tmp_path, ca
 
 
 def test_rows_for_the_newer_encoders(sources, tmp_path):
-    """Data2Vec-audio and WavLM take waveforms of the duration of `frames` fbank frames, like Wav2Vec2."""
+    """Data2Vec-audio and WavLM take waveforms of the duration of `frames` fbank frames, like Wav2Vec2; Whisper
+    takes log-mel features of `frames` frames (its clip window)."""
     out = tmp_path / "bench.json"
     options = ["--methods=lora", "--frames=50", "--batch_size=2", "--repeats=1", "--warmup=0", "--no_memory"]
-    code = benchmark.main(
-        [f"--data2vec_source={sources['data2vec']}", f"--wavlm_source={sources['wavlm']}", *options, f"--json={out}"]
-    )
+    kinds = ("data2vec", "wavlm", "whisper")
+    code = benchmark.main([*(f"--{kind}_source={sources[kind]}" for kind in kinds), *options, f"--json={out}"])
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(row["backbone"], row["method"]) for row in rows] == [("data2vec", "lora"), ("wavlm", "lora")]
+    assert [(row["backbone"], row["method"]) for row in rows] == [(kind, "lora") for kind in kinds]
     assert all(row["step_s"] > 0 and row["forward_flops"] > 0 for row in rows)
 
 

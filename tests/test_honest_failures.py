@@ -32,8 +32,8 @@ BAD_VALUES = {
         "a method is chosen by its file, hparams/<method>.yaml",
     ),
     "backbone_name": (
-        ["--backbone=whisper"],
-        "--backbone must be one of ast, wav2vec2, hubert, data2vec, wavlm; got 'whisper'",
+        ["--backbone=beats"],
+        "--backbone must be one of ast, wav2vec2, hubert, data2vec, wavlm, whisper; got 'beats'",
     ),
     "method_option": (
         ["--lora_scaling=fancy"],

@@ -1,9 +1,10 @@
-"""Data2Vec-audio and WavLM: the frozen forward against Hugging Face, every method block, summary, recipe, export.
+"""Data2Vec-audio, WavLM and Whisper: the frozen forward against Hugging Face, every method block, summary, recipe,
+export. (Whisper's front end, windows and exports: tests/test_whisper.py.)
 
 Tiny random checkpoints (tiny_models.CHECKPOINTS): hidden 32, 2 layers, 4 heads, FFN 64. Data2Vec-audio has
 Wav2Vec2's post-LN layers behind a stack of positional convolutions; WavLM passes a gated relative position
 bias from layer to layer (post-LN with a GroupNorm CNN like wavlm-base-plus, pre-LN with a LayerNorm CNN like
-wavlm-large).
+wavlm-large). Whisper's encoder has pre-LN layers whose key projection has no bias.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from recipe_helpers import recipe_args, run_recipes, write_workspace
 from tiny_models import CHECKPOINTS, waveforms, write_checkpoints
 from trained_runs import check_equals_test_stage, manifest_items
-from transformers import Data2VecAudioModel, WavLMModel
+from transformers import Data2VecAudioModel, WavLMModel, WhisperModel
 
 from petl_apps.summary import main as summary_main
 from petl_modules import classify, export
@@ -26,9 +27,10 @@ from petl_modules.model import PETLModel
 from petl_modules.random_backbones import backbone_config, write_random_checkpoint
 from petl_modules.run_folder import InferenceError
 
-NEW = ["data2vec", "wavlm", "wavlm_stable"]  # tiny_models.CHECKPOINTS names of the new backbones' checkpoints
+WAVEFORM = ["data2vec", "wavlm", "wavlm_stable"]  # tiny_models.CHECKPOINTS names of the new waveform encoders
+NEW = [*WAVEFORM, "whisper"]  # ... and of every new backbone
 KINDS = sorted({kind for name, (kind, _) in CHECKPOINTS.items() if name in NEW})
-HF_MODELS = {"data2vec": Data2VecAudioModel, "wavlm": WavLMModel}
+HF_MODELS = {"data2vec": Data2VecAudioModel, "wavlm": WavLMModel, "whisper": WhisperModel}
 D, LAYERS, FFN, HEADS, CLASSES = 32, 2, 64, 4, 5
 # WavLM's attention adds, per layer, the gate of the position bias (gru_rel_pos_linear: head size -> 8, and
 # gru_rel_pos_const: one per head) and, in layer 0 only, the relative attention embedding (320 buckets x heads).
@@ -38,6 +40,7 @@ WAVLM_GATE, WAVLM_GATE_BIAS, WAVLM_RELATIVE_EMBEDDING = (D // HEADS * 8 + 8) + H
 # defaults give a bottleneck (rank) of max(1, 32 // rate) = 1; 7 experts, 1 slot; prefix 12, prompt 25.
 B, EXPERTS = 1, 7
 LAYER = 4 * (D * D + D) + (D * FFN + FFN) + (FFN * D + D) + 2 * 2 * D  # Q, K, V, O; FFN; two LayerNorms
+WHISPER_K_BIAS = D  # what a Whisper layer lacks: its key projection has no bias
 BOTTLENECK_ADAPTER = (D * B + B) + (B * D + D)
 EXPERT_WEIGHTS = EXPERTS * BOTTLENECK_ADAPTER
 CONFORMER_ADAPTER = 2 * D + (D * 2 * B + 2 * B) + (B * 31 + B) + 2 * B + (B * D + D)
@@ -75,6 +78,7 @@ def yaml_model(checkpoints, name: str, method_file: str, seed: int = 0, **overri
     """The model of the method block `method_file` with the model block's defaults for this backbone."""
     torch.manual_seed(seed)
     settings = {"backbone": kind_of(name), "backbone_source": str(checkpoints[name]), "num_classes": CLASSES}
+    settings["target_length"] = 100  # Whisper's clip window: 1 s (the waveform encoders take any length)
     path = LIBRARY_HPARAMS / "methods" / f"{method_file}.yaml"
     return load_hparams(path, {**settings, **overrides}, defaults=(LIBRARY_HPARAMS / "model.yaml",))["model"]
 
@@ -99,7 +103,7 @@ def our_last_hidden_state(backbone, wavs, lens=None):
 # --- the frozen forward ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", WAVEFORM)
 def test_frozen_forward_equals_the_hugging_face_model(checkpoints, name):
     backbone = build_backbone(kind_of(name), str(checkpoints[name])).eval()
     reference = HF_MODELS[kind_of(name)].from_pretrained(checkpoints[name]).eval()
@@ -111,7 +115,7 @@ def test_frozen_forward_equals_the_hugging_face_model(checkpoints, name):
     torch.testing.assert_close(ours, theirs)
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", WAVEFORM)
 def test_padded_batch_equals_the_hugging_face_model_with_its_attention_mask(checkpoints, name):
     """Real frames equal Hugging Face's with its attention mask; a padding-invariant backbone's also equal
     each file's output alone, and a backbone that is not says so."""
@@ -149,10 +153,19 @@ def test_wrong_architecture_is_one_line(checkpoints):
         build_backbone("wavlm", str(checkpoints["data2vec"]))
     with pytest.raises(BackboneLoadError, match=r"model_type is 'wavlm', expected one of wav2vec2$"):
         build_backbone("wav2vec2", str(checkpoints["wavlm"]))
+    with pytest.raises(BackboneLoadError, match=r"model_type is 'wavlm', expected one of whisper$"):
+        build_backbone("whisper", str(checkpoints["wavlm"]))
+    with pytest.raises(BackboneLoadError, match=r"model_type is 'whisper', expected one of wavlm$"):
+        build_backbone("wavlm", str(checkpoints["whisper"]))
 
 
 @pytest.mark.parametrize(
-    ("kind", "hub_id"), [("data2vec", "facebook/data2vec-audio-base"), ("wavlm", "microsoft/wavlm-base-plus")]
+    ("kind", "hub_id"),
+    [
+        ("data2vec", "facebook/data2vec-audio-base"),
+        ("wavlm", "microsoft/wavlm-base-plus"),
+        ("whisper", "openai/whisper-base"),
+    ],
 )
 def test_default_source_is_the_hub_checkpoint_and_offline_says_how_to_pass_a_folder(monkeypatch, kind, hub_id):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -183,14 +196,15 @@ def test_random_backbones_command_writes_a_tiny_folder_and_knows_the_base_config
 def expected_groups(name: str, method_file: str, model: PETLModel) -> dict[str, int]:
     """Trainable counts in closed form. The Wav2Vec2 family's defaults keep every LayerNorm frozen, except
     what full fine-tuning (the last layers and the final norm of pre-LN layers) and BitFit (every bias of the
-    encoder: the LayerNorm in front of post-LN layers, the final norm of pre-LN ones) train."""
+    encoder: the LayerNorm in front of post-LN layers, the final norm of pre-LN ones) train. Whisper takes the
+    same defaults."""
     method, final_norm = METHOD_PARAMS[method_file], 0
-    post_ln, wavlm = model.backbone.final_norm is None, kind_of(name) == "wavlm"
+    post_ln, wavlm, whisper = model.backbone.final_norm is None, kind_of(name) == "wavlm", kind_of(name) == "whisper"
     if method_file == "full_ft":
-        method += wavlm * (LAYERS * WAVLM_GATE + WAVLM_RELATIVE_EMBEDDING)
+        method += wavlm * (LAYERS * WAVLM_GATE + WAVLM_RELATIVE_EMBEDDING) - whisper * LAYERS * WHISPER_K_BIAS
         final_norm = 0 if post_ln else 2 * D
     if method_file == "bitfit":
-        method += wavlm * LAYERS * WAVLM_GATE_BIAS + (D if post_ln else 0)
+        method += wavlm * LAYERS * WAVLM_GATE_BIAS + (D if post_ln else 0) - whisper * LAYERS * WHISPER_K_BIAS
         final_norm = 0 if post_ln else D
     return {"method": method, "head": D * CLASSES + CLASSES, "final_norm": final_norm, "sublayer_norm": 0}
 
@@ -261,11 +275,14 @@ def test_structural_variants_build_and_train(checkpoints, name):
 def test_summary_of_every_method_block(checkpoints, capsys, name, method_file):
     path = LIBRARY_HPARAMS / "methods" / f"{method_file}.yaml"
     argv = [str(path), f"--backbone={kind_of(name)}", f"--backbone_source={checkpoints[name]}", "--json"]
-    assert summary_main([*argv, f"--num_classes={CLASSES}"]) == 0
+    assert summary_main([*argv, f"--num_classes={CLASSES}", "--target_length=100"]) == 0
     summary = json.loads(capsys.readouterr().out)
     model = HF_MODELS[kind_of(name)].from_pretrained(checkpoints[name])
+    cut = 0
+    if kind_of(name) == "whisper":  # the encoder alone, its 1500-row positional table cut to the clip's 50 tokens
+        model, cut = model.encoder, (1500 - 50) * D
     expected = expected_groups(name, method_file, yaml_model(checkpoints, name, method_file))
-    assert summary["backbone_params"] == sum(p.numel() for p in model.parameters())
+    assert summary["backbone_params"] == sum(p.numel() for p in model.parameters()) - cut
     assert summary["method_params"] == expected["method"]
     assert summary["head_params"] == expected["head"]
 
@@ -277,8 +294,8 @@ def test_summary_of_every_method_block(checkpoints, capsys, name, method_file):
 def lora_runs(tmp_path_factory, checkpoints):
     """One-epoch GSC LoRA runs through the recipe's command line: one per new backbone kind with the workspace's
     checkpoint, and one on the padding-invariant WavLM (LayerNorm CNN), whose test stage a file alone repeats.
-    Besides, ESC-50 linear probing on the workspace's WavLM (GroupNorm CNN) with and without cached embeddings
-    (clips of one length: the full run's batches hold no padding either)."""
+    Besides, ESC-50 linear probing on the workspace's WavLM (GroupNorm CNN) and Whisper with and without cached
+    embeddings (clips of one length: the full run's batches hold no padding either)."""
     root = tmp_path_factory.mktemp("recipes")
     workspace = write_workspace(root)
     runs = {kind: ("GSC", recipe_args("GSC", "lora", workspace, root / kind, backbone=kind)) for kind in KINDS}
@@ -287,27 +304,33 @@ def lora_runs(tmp_path_factory, checkpoints):
         "GSC",
         recipe_args("GSC", "lora", workspace, root / "wavlm_stable", stable, backbone="wavlm"),
     )
-    for cached in (True, False):
-        options = ("--number_of_epochs=2", "--lr=0.05", "--batch_size=2", f"--cache_embeddings={cached}")
-        name = "linear_cached" if cached else "linear_full"
-        runs[name] = ("ESC50", recipe_args("ESC50", "linear", workspace, root / name, *options, backbone="wavlm"))
+    for kind in ("wavlm", "whisper"):
+        for cached in (True, False):
+            options = ("--number_of_epochs=2", "--lr=0.05", "--batch_size=2", f"--cache_embeddings={cached}")
+            if kind == "whisper":  # ESC-50's SpecAugment acts on Whisper's log-mel: the cache needs it off
+                options += ("--spec_augment=False",)
+            name = f"linear_{'cached' if cached else 'full'}_{kind}"
+            runs[name] = ("ESC50", recipe_args("ESC50", "linear", workspace, root / name, *options, backbone=kind))
     outcomes = run_recipes(list(runs.values()), root / "report.json")
     for name, outcome in zip(runs, outcomes):
         assert outcome["code"] == 0, f"{name}: {outcome['message']}"
     return {name: root / name for name in runs}
 
 
-def test_wavlm_linear_probe_from_cached_embeddings_equals_the_full_run(lora_runs):
-    """The GroupNorm CNN is not padding-invariant: the cache runs the backbone on batches of equal length."""
+@pytest.mark.parametrize("kind", ["wavlm", "whisper"])
+def test_linear_probe_from_cached_embeddings_equals_the_full_run(lora_runs, kind):
+    """WavLM's GroupNorm CNN is not padding-invariant: the cache runs the backbone on batches of equal length;
+    Whisper's features are padded file by file: the cache runs zero-padded batches."""
     cached, full = (
-        json.loads((lora_runs[name] / "results.json").read_text()) for name in ("linear_cached", "linear_full")
+        json.loads((lora_runs[f"{name}_{kind}"] / "results.json").read_text())
+        for name in ("linear_cached", "linear_full")
     )
     ((cached_fold,), (full_fold,)) = (cached["folds"].values(), full["folds"].values())
     for split in ("valid", "test"):
         for key, value in full_fold[split].items():
             expected = value if key == "confusion_matrix" else pytest.approx(value, rel=1e-4, abs=1e-5)
             assert cached_fold[split][key] == expected, (split, key)
-    logs = "".join(path.read_text() for path in lora_runs["linear_cached"].rglob("log.txt"))
+    logs = "".join(path.read_text() for path in lora_runs[f"linear_cached_{kind}"].rglob("log.txt"))
     assert "Linear probing from cached embeddings" in logs
 
 
@@ -318,7 +341,8 @@ def test_recipe_export_and_classify(lora_runs, name, tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["backbone"] == kind and results["method"] == "lora"
     info = export.main(["--run", str(run), "--out", str(tmp_path / "export")])
-    assert info["backbone"]["kind"] == kind and info["input"]["input"] == "waveform"
+    assert info["backbone"]["kind"] == kind
+    assert info["input"]["input"] == ("log_mel" if kind == "whisper" else "waveform")
     files = [path for path, _ in manifest_items(run)]
     exported = classify.classify(str(tmp_path / "export"), files, top_k=4, device="cpu")
     assert exported == classify.classify(str(run), files, top_k=4, device="cpu")

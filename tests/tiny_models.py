@@ -21,6 +21,7 @@ CHECKPOINTS = {
     "data2vec": ("data2vec", {}),  # Wav2Vec2's post-LN layers, LayerNorm CNN, two stacked positional convolutions
     "wavlm": ("wavlm", {}),  # post-LN, GroupNorm CNN (like wavlm-base-plus)
     "wavlm_stable": ("wavlm", {"do_stable_layer_norm": True, "feat_extract_norm": "layer"}),  # like wavlm-large
+    "whisper": ("whisper", {}),  # pre-LN, 80 mel bins, the 30 s window (1500 positions)
 }
 # A checkpoint's config.json `model_type` -> its `backbone` name.
 KINDS = {
@@ -29,8 +30,10 @@ KINDS = {
     "hubert": "hubert",
     "data2vec-audio": "data2vec",
     "wavlm": "wavlm",
+    "whisper": "whisper",
 }
-TARGET_LENGTH = 100  # AST frames: 9 time columns x 12 frequency rows + 2 special tokens
+# AST frames: 9 time columns x 12 frequency rows + 2 special tokens; Whisper (clip window): 50 tokens.
+TARGET_LENGTH = 100
 
 
 def write_checkpoints(root: Path) -> dict[str, Path]:

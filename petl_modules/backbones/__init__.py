@@ -1,4 +1,4 @@
-"""Pretrained backbones, chosen by name from HyperPyYAML (`backbone: ast | wav2vec2 | hubert | data2vec | wavlm`)."""
+"""Pretrained backbones, chosen by name from HyperPyYAML (`backbone: ast | wav2vec2 | ... | whisper`: `BACKBONES`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from .base import Backbone, ForwardState
 from .loading import BackboneLoadError
 from .wav2vec2 import DEFAULT_WAV2VEC2_SOURCE, Wav2Vec2Backbone
 from .wavlm import DEFAULT_WAVLM_SOURCE, WavLMBackbone
+from .whisper import DEFAULT_WHISPER_SOURCE, WINDOWS, WhisperBackbone
 
-BACKBONES = ("ast", "wav2vec2", "hubert", "data2vec", "wavlm")
+BACKBONES = ("ast", "wav2vec2", "hubert", "data2vec", "wavlm", "whisper")
 # The checkpoint each kind loads when no `backbone_source` is given (the papers' ones for AST and Wav2Vec2).
 DEFAULT_SOURCES = {
     "ast": DEFAULT_AST_SOURCE,
@@ -16,18 +17,27 @@ DEFAULT_SOURCES = {
     "hubert": "facebook/hubert-base-ls960",
     "data2vec": "facebook/data2vec-audio-base",
     "wavlm": DEFAULT_WAVLM_SOURCE,
+    "whisper": DEFAULT_WHISPER_SOURCE,
 }
 # The Wav2Vec2 family: the same front end and layer layout, hence the same defaults (`per_backbone`'s
 # `wav2vec2` value): no LayerNorm trains, the head is one Linear on the mean-pooled last layer.
 WAV2VEC2_FAMILY = ("wav2vec2", "hubert", "data2vec", "wavlm")
+# Backbones whose defaults are the Wav2Vec2 path's (the reference knows AST and Wav2Vec2 only): the family, and
+# the Whisper encoder (pre-LN like AST, but nothing in its architecture asks for AST's trained norms).
+WAV2VEC2_DEFAULTS = (*WAV2VEC2_FAMILY, "whisper")
 
 
 def build_backbone(
-    kind: str = "ast", source: str | None = None, target_length: int = 1024, activation_checkpointing: bool = False
+    kind: str = "ast",
+    source: str | None = None,
+    target_length: int = 1024,
+    activation_checkpointing: bool = False,
+    whisper_window: str = "clip",
 ) -> Backbone:
     """The backbone `kind` from `source` (None: `DEFAULT_SOURCES[kind]`, a hub checkpoint).
 
-    `target_length` (fbank frames) applies to AST only; the waveform encoders take any length.
+    `target_length` (10 ms frames) applies to the backbones with a front end: AST, and Whisper with
+    `whisper_window: clip` (`30s`: Whisper's 3000-frame window); the waveform encoders take any length.
     `activation_checkpointing` recomputes each encoder layer in the backward pass (long inputs).
     """
     if not isinstance(activation_checkpointing, bool):
@@ -39,6 +49,8 @@ def build_backbone(
         backbone = ASTBackbone(source, target_length=target_length)
     elif kind == "wavlm":
         backbone = WavLMBackbone(source)
+    elif kind == "whisper":
+        backbone = WhisperBackbone(source, target_length=target_length, window=whisper_window)
     else:
         backbone = Wav2Vec2Backbone(source, model_type=kind)
     backbone.activation_checkpointing = activation_checkpointing
@@ -46,7 +58,8 @@ def build_backbone(
 
 
 def per_backbone(backbone: str, ast, wav2vec2):
-    """The value for `backbone`: `ast` for AST, `wav2vec2` for the Wav2Vec2 family (`WAV2VEC2_FAMILY`).
+    """The value for `backbone`: `ast` for AST, `wav2vec2` for the others (`WAV2VEC2_DEFAULTS`: the Wav2Vec2
+    family and Whisper).
 
     How the YAML files state a default that depends on the backbone (the reference's own differ):
 
@@ -56,7 +69,7 @@ def per_backbone(backbone: str, ast, wav2vec2):
     """
     if backbone == "ast":
         return ast
-    if backbone in WAV2VEC2_FAMILY:
+    if backbone in WAV2VEC2_DEFAULTS:
         return wav2vec2
     raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}; got '{backbone}'")
 
@@ -69,11 +82,15 @@ __all__ = [
     "DEFAULT_AST_SOURCE",
     "DEFAULT_SOURCES",
     "DEFAULT_WAV2VEC2_SOURCE",
+    "DEFAULT_WHISPER_SOURCE",
     "FbankFrontEnd",
     "ForwardState",
+    "WAV2VEC2_DEFAULTS",
     "WAV2VEC2_FAMILY",
+    "WINDOWS",
     "Wav2Vec2Backbone",
     "WavLMBackbone",
+    "WhisperBackbone",
     "build_backbone",
     "per_backbone",
 ]

@@ -8,7 +8,7 @@ import torchaudio
 from torch import nn
 from transformers import ASTModel
 
-from .base import Backbone, OptionError
+from .base import Backbone, ClipFrontEnd, OptionError
 from .loading import load_pretrained, read_preprocessor_config
 
 DEFAULT_AST_SOURCE = "MIT/ast-finetuned-audioset-10-10-0.4593"
@@ -17,7 +17,7 @@ AUDIOSET_MEAN = -4.2677393
 AUDIOSET_STD = 4.5689974
 
 
-class FbankFrontEnd(nn.Module):
+class FbankFrontEnd(ClipFrontEnd):
     """Waveform -> normalised Kaldi fbank (batch, target_length, num_mel_bins), as AST was trained.
 
     128 mel bins, 25 ms Hanning window, 10 ms shift, no dither, htk_compat, no energy; zero-padded or
@@ -40,7 +40,6 @@ class FbankFrontEnd(nn.Module):
         self.sample_rate = sample_rate
 
     def settings(self) -> dict:
-        """Everything the features depend on (the key of a feature cache)."""
         return {
             "target_length": self.target_length,
             "num_mel_bins": self.num_mel_bins,
@@ -66,18 +65,12 @@ class FbankFrontEnd(nn.Module):
         fbank = F.pad(fbank, (0, 0, 0, max(0, self.target_length - fbank.shape[0])))[: self.target_length]
         return (fbank - self.mean) / (2 * self.std)
 
-    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """Waveforms (batch, samples), each used up to its relative length -> (batch, frames, mel)."""
-        lengths = (
-            [wavs.shape[1]] * len(wavs) if wav_lens is None else (wav_lens * wavs.shape[1]).round().long().tolist()
-        )
-        return torch.stack([self.single(wav[:length]) for wav, length in zip(wavs, lengths)])
-
 
 class SpecAugment(nn.Module):
     """One frequency and one time mask per item on the normalised fbank, in training mode only.
 
-    Masked values are 0, the corpus mean after normalisation (ESC-50 and UrbanSound8K: 24 bins, 80 frames).
+    Masked values are 0, the corpus mean after AST's normalisation (on Whisper's log-mel, a quiet level, 10^-4
+    in its log10 scale) (ESC-50 and UrbanSound8K: 24 bins, 80 frames).
     """
 
     def __init__(self, freq_mask: int = 24, time_mask: int = 80) -> None:

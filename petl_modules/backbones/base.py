@@ -55,6 +55,9 @@ class Backbone(nn.Module):
       `preprocessor_config.json` of the backbone as it runs; `adapted_checkpoint()`: tensors and config values
       the backbone changed in its checkpoint (AST's positional grid), which an export in the checkpoint's own
       format must carry.
+    - `checkpoint_class`, `checkpoint_attribute`: the Hugging Face class that loads the checkpoint and the
+      attribute of its model that `model` is (Whisper: `WhisperModel`, `encoder`), None when `model` is the
+      loaded model itself: how an export in PEFT's format says to build its base.
     - `num_special_tokens`: [CLS]-like tokens in front of the sequence.
     - `peft_lora_acts`: whether PEFT's LoRA on the Hugging Face model's attention projections changes what
       that model computes (False where its attention reads the projections' weights instead of calling them,
@@ -68,6 +71,7 @@ class Backbone(nn.Module):
     projection_names: dict[str, str]  # "q", "k", "v", "o" -> attribute name inside the attention module
     num_special_tokens = 0  # tokens in front of the sequence that prompts are inserted after
     peft_lora_acts = True
+    checkpoint_attribute: str | None = None
     # The LayerNorm of each sub-layer ("attention", "ffn") in a layer: the one in front of it (pre-LN) or the
     # one closing its residual block (post-LN). Adapters and MoA train these where the reference does.
     sublayer_norm_names: dict[str, str]
@@ -88,6 +92,10 @@ class Backbone(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         raise NotImplementedError
+
+    @property
+    def checkpoint_class(self) -> str:
+        return type(self.model).__name__
 
     @property
     def sample_rate(self) -> int:
@@ -205,6 +213,34 @@ class Backbone(nn.Module):
         """
         self.state.padding_mask = mask
         return layer(tokens, attention_mask=layer_mask)
+
+
+class ClipFrontEnd(nn.Module):
+    """A deterministic front end that turns each waveform alone into features of a fixed size (frames, bins).
+
+    Subclasses set `target_length` (frames), `num_mel_bins`, `sample_rate` and implement `single` and
+    `settings`. Features are computed file by file, so a file's features are the same alone and in a
+    zero-padded batch, and a feature cache can store them.
+    """
+
+    target_length: int
+    num_mel_bins: int
+    sample_rate: int
+
+    def settings(self) -> dict:
+        """Everything the features depend on (the key of a feature cache)."""
+        raise NotImplementedError
+
+    def single(self, wav: torch.Tensor) -> torch.Tensor:
+        """One waveform (samples,) -> features (target_length, num_mel_bins)."""
+        raise NotImplementedError
+
+    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """Waveforms (batch, samples), each used up to its relative length -> (batch, frames, bins)."""
+        lengths = (
+            [wavs.shape[1]] * len(wavs) if wav_lens is None else (wav_lens * wavs.shape[1]).round().long().tolist()
+        )
+        return torch.stack([self.single(wav[:length]) for wav, length in zip(wavs, lengths)])
 
 
 def relative_to_mask(wav_lens: torch.Tensor | None, length: int, batch: int, device: torch.device) -> torch.Tensor:
