@@ -19,6 +19,8 @@ VARIANTS = [
     ("adapter", {"reduction_rate": 4, "adapter_type": "Houlsby"}),
     ("adapter", {"reduction_rate": 4, "seq_or_par": "sequential", "apply_residual": True}),
     ("adapter", {"reduction_rate": 4, "adapter_block": "conformer", "kernel_size": 5}),
+    ("adapter", {"reduction_rate": 4, "adapter_block": "conformer", "kernel_size": 8}),  # even: the paper's k
+    ("adapter", {"reduction_rate": 4, "location": "MHSA"}),  # Pfeiffer beside MHSA: the MLSP paper's text
     ("adapter", {"reduction_rate": 8, "adapter_block": "conformer", "adapter_type": "Houlsby"}),
     ("prompt_tuning", {"prompt_len": 3}),
     ("prompt_tuning", {"prompt_len": 3, "deep": True}),
@@ -37,6 +39,7 @@ VARIANTS = [
         "soft_moa",
         {"num_adapters": 2, "reduction_rate": 4, "location": "both", "adapter_block": "conformer", "kernel_size": 3},
     ),
+    ("soft_moa", {"num_adapters": 2, "reduction_rate": 4, "adapter_block": "conformer", "kernel_size": 2}),
 ]
 IDS = [f"{method}-{'-'.join(f'{k}={v}' for k, v in options.items()) or 'default'}" for method, options in VARIANTS]
 # Methods whose freshly added modules must leave the backbone's output unchanged.
@@ -426,6 +429,7 @@ SUBLAYER_NORMS = [  # (method, options, the AST LayerNorms the reference trains 
     ("adapter", {"reduction_rate": 4}, {"layernorm_after"}),
     ("adapter", {"reduction_rate": 4, "adapter_type": "Houlsby"}, {"layernorm_before", "layernorm_after"}),
     ("adapter", {"reduction_rate": 4, "seq_or_par": "sequential", "apply_residual": True}, {"layernorm_after"}),
+    ("adapter", {"reduction_rate": 4, "location": "MHSA"}, {"layernorm_before"}),
     ("dense_moa", {"num_adapters": 2, "reduction_rate": 4}, {"layernorm_before"}),
     ("soft_moa", {"num_adapters": 2, "reduction_rate": 4}, {"layernorm_before"}),
     ("soft_moa", {"num_adapters": 2, "reduction_rate": 4, "location": "FFN"}, {"layernorm_after"}),
@@ -518,3 +522,50 @@ def test_wav2vec2_defaults_are_the_reference_ones(tmp_path, monkeypatch, method)
         trained_norms = [name for name, p in model.named_parameters() if p.requires_grad and id(p) in norms]
         # BitFit trains every bias (LayerNorm biases included, as in the reference), never a norm's weight.
         assert all(n.endswith(".bias") for n in trained_norms) if method == "bitfit" else not trained_norms
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 8, 31])
+def test_conformer_depthwise_convolution_is_same_padding_for_any_kernel(checkpoints, kernel_size):
+    """The block equals its steps written out with PyTorch's own `Conv1d(padding='same')` (for even k: one more
+    zero on the right), on AST tokens and on a padded batch whose padded tokens are zeroed first."""
+    from petl_modules.methods.blocks import ConformerBlock
+
+    torch.manual_seed(0)
+    block = ConformerBlock(D, 4, kernel_size).eval()
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.normal_(std=0.3)
+        block.batch_norm.running_mean.normal_()
+        block.batch_norm.running_var.uniform_(0.5, 2.0)
+    reference_conv = torch.nn.Conv1d(4, 4, kernel_size, padding="same", groups=4)
+    reference_conv.load_state_dict(block.depthwise.state_dict())
+
+    def by_hand(x, mask):
+        normed = torch.nn.functional.layer_norm(x, (D,), block.norm.weight, block.norm.bias)
+        h = torch.nn.functional.glu(block.pointwise_in(normed))
+        h = h if mask is None else h * mask[..., None]
+        h = block.batch_norm(reference_conv(h.transpose(1, 2)))
+        return block.pointwise_out(torch.nn.functional.silu(h).transpose(1, 2))
+
+    tokens = build_model(checkpoints["ast"]).backbone.embed(*waveforms(batch=2))[0].detach()
+    x = torch.randn(2, 7, D)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    with torch.no_grad():
+        torch.testing.assert_close(block(tokens), by_hand(tokens, None))
+        torch.testing.assert_close(block(x, mask), by_hand(x, mask))
+        torch.testing.assert_close(block(x, mask)[1, :4], block(x[1:, :4])[0])  # alone, unpadded
+
+
+def test_pfeiffer_adapter_sits_beside_the_sub_layer_its_location_names(checkpoints):
+    from petl_modules.methods.adapter import AdaptedSublayer
+
+    for location, adapted, plain in (("FFN", "mlp", "attention"), ("MHSA", "attention", "mlp")):
+        layer = build_model(checkpoints["ast"], "adapter", reduction_rate=4, location=location).backbone.layers[0]
+        assert isinstance(getattr(layer, adapted), AdaptedSublayer)
+        assert not isinstance(getattr(layer, plain), AdaptedSublayer)
+    with pytest.raises(ValueError, match="^adapter_location MHSA applies to Pfeiffer adapters; Houlsby ones sit"):
+        build_model(checkpoints["ast"], "adapter", adapter_type="Houlsby", location="MHSA")
+    with pytest.raises(ValueError, match="^adapter_location must be one of FFN, MHSA; got 'both'"):
+        build_model(checkpoints["ast"], "adapter", location="both")
+    with pytest.raises(ValueError, match="^kernel_size must be a positive integer; got 0"):
+        build_model(checkpoints["ast"], "adapter", adapter_block="conformer", kernel_size=0)

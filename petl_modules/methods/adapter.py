@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..backbones.base import Backbone, ForwardState
+from ..backbones.base import Backbone, ForwardState, OptionError
 from .base import Method, bottleneck_size, choice, flag, positive_int
 from .blocks import BLOCKS, make_block
 
@@ -68,16 +68,23 @@ def norms_of(backbone: Backbone, sublayers: tuple[str, ...]) -> list[nn.Module]:
     return [backbone.sublayer_norm(layer, sublayer) for layer in backbone.layers for sublayer in sublayers]
 
 
-def sublayers_for(adapter_type: str) -> tuple[str, ...]:
-    """Pfeiffer: beside the FFN only; Houlsby: beside MHSA and FFN."""
-    return ("ffn",) if choice("adapter_type", adapter_type, ("Pfeiffer", "Houlsby")) == "Pfeiffer" else SUBLAYERS
+ADAPTER_LOCATIONS = {"FFN": ("ffn",), "MHSA": ("attention",)}  # where a Pfeiffer adapter sits
+
+
+def sublayers_for(adapter_type: str, location: str = "FFN") -> tuple[str, ...]:
+    """Pfeiffer: beside the FFN (the reference code) or beside MHSA (the MLSP paper's text); Houlsby: both."""
+    if choice("adapter_type", adapter_type, ("Pfeiffer", "Houlsby")) == "Houlsby":
+        return SUBLAYERS
+    return ADAPTER_LOCATIONS[choice("adapter_location", location, tuple(ADAPTER_LOCATIONS))]
 
 
 class Adapter(Method):
     """Adapters (Houlsby et al. 2019; Pfeiffer et al. 2020) with a bottleneck or Conformer block.
 
     The papers' proposal, "0.29 % of the parameters": conformer block, reduction_rate 96, Pfeiffer, parallel.
-    The LayerNorm of each adapted sub-layer is its `sublayer_norms` (the model's `train_sublayer_norms`).
+    A Pfeiffer adapter sits beside the FFN (`location` "FFN", the reference code) or beside MHSA ("MHSA", the
+    MLSP paper's text); a Houlsby adapter beside both. The LayerNorm of each adapted sub-layer is its
+    `sublayer_norms` (the model's `train_sublayer_norms`).
     """
 
     name = "adapter"
@@ -90,9 +97,15 @@ class Adapter(Method):
         apply_residual: bool = False,
         adapter_block: str = "bottleneck",
         kernel_size: int = 31,
+        location: str = "FFN",
     ) -> None:
         self.reduction_rate = positive_int("reduction_rate", reduction_rate)
         self.adapter_type = choice("adapter_type", adapter_type, ("Pfeiffer", "Houlsby"))
+        self.location = choice("adapter_location", location, tuple(ADAPTER_LOCATIONS))
+        if self.adapter_type == "Houlsby" and self.location != "FFN":
+            raise OptionError(
+                f"adapter_location {self.location} applies to Pfeiffer adapters; Houlsby ones sit beside MHSA and FFN"
+            )
         self.seq_or_par = choice("seq_or_par", seq_or_par, ("parallel", "sequential"))
         self.apply_residual = flag("apply_residual", apply_residual)
         self.adapter_block = choice("adapter_block", adapter_block, BLOCKS)
@@ -106,11 +119,11 @@ class Adapter(Method):
         bottleneck = bottleneck_size(backbone.hidden_size, self.reduction_rate)
         wrap_sublayers(
             backbone,
-            sublayers_for(self.adapter_type),
+            sublayers_for(self.adapter_type, self.location),
             lambda: make_block(self.adapter_block, backbone.hidden_size, bottleneck, self.kernel_size),
             parallel=self.seq_or_par == "parallel",
             residual=self.apply_residual,
         )
 
     def sublayer_norms(self, backbone: Backbone) -> list[nn.Module]:
-        return norms_of(backbone, sublayers_for(self.adapter_type))
+        return norms_of(backbone, sublayers_for(self.adapter_type, self.location))

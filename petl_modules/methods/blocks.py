@@ -12,8 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..backbones.base import OptionError
-from .base import PETLModule, choice
+from .base import PETLModule, choice, positive_int
 
 BLOCKS = ("bottleneck", "conformer")
 
@@ -48,17 +47,18 @@ class ConformerBlock(PETLModule):
 
     LayerNorm -> pointwise to 2b -> GLU -> depthwise conv (kernel k) along tokens -> BatchNorm -> SiLU ->
     pointwise back to hidden. Pointwise convolutions are Linear layers (same function, faster).
-    Padded tokens are zeroed before the depthwise convolution so they never leak into real ones.
+    The depthwise convolution keeps the token count (PyTorch's `padding="same"`, as the reference: any k >= 1;
+    an even k pads one more token on the right than on the left; the paper uses k = 8 on ESC-50 and
+    UrbanSound8K). Padded tokens are zeroed before it, so they never leak into real ones.
     """
 
     def __init__(self, hidden_size: int, bottleneck: int, kernel_size: int = 31) -> None:
         super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise OptionError(f"kernel_size must be a positive odd integer; got {kernel_size!r}")
+        kernel_size = positive_int("kernel_size", kernel_size)
         self.norm = nn.LayerNorm(hidden_size)
         self.pointwise_in = nn.Linear(hidden_size, 2 * bottleneck)
         self.glu = nn.GLU(dim=-1)
-        self.depthwise = nn.Conv1d(bottleneck, bottleneck, kernel_size, padding=kernel_size // 2, groups=bottleneck)
+        self.depthwise = nn.Conv1d(bottleneck, bottleneck, kernel_size, padding="same", groups=bottleneck)
         self.batch_norm = nn.BatchNorm1d(bottleneck)
         self.activation = nn.SiLU()
         self.pointwise_out = nn.Linear(bottleneck, hidden_size)
