@@ -14,6 +14,7 @@ import tempfile
 
 from petl_modules.backbones.loading import BackboneLoadError
 from petl_modules.hparams_loader import LIBRARY_HPARAMS, HparamsError, compose, load_hparams
+from petl_modules.methods.adapter import AdaptedSublayer
 from petl_modules.model import PETLModel
 
 
@@ -21,13 +22,18 @@ def summarize(model: PETLModel, method_name: str | None = None) -> dict:
     """Backbone and trainable parameter counts, by group, and their share of the backbone.
 
     The method alone excludes the sub-layer LayerNorms trained beside it (`sublayer_norm_params`), as the
-    papers' percentages do. LoRA models also report the effective scale of their updates (`lora_scale`).
+    papers' percentages do. LoRA models also report the effective scale of their updates (`lora_scale`);
+    adapters and mixtures the sub-layers they sit beside (`adapted_sublayers`: MHSA, FFN or both).
     """
     backbone = model.backbone_parameters()
     groups = model.trainable_parameter_groups()
     trainable = sum(groups.values())
     lora = model.lora_layers()
     extra = {"lora_scale": lora[0].lora.scale} if lora else {}  # one method: every layer has the same scale
+    first_layer = model.backbone.layers[0]
+    names = {"MHSA": model.backbone.attention_name, "FFN": model.backbone.ffn_name}
+    adapted = [label for label, name in names.items() if isinstance(getattr(first_layer, name), AdaptedSublayer)]
+    extra |= {"adapted_sublayers": adapted} if adapted else {}
     return {
         "method": method_name or model.method.name,
         "backbone": type(model.backbone).__name__,
@@ -96,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  trainable: {group:<13} {summary[group + '_params']:>9,}")
     if "lora_scale" in summary:
         print(f"  LoRA scale            {summary['lora_scale']:>12}")
+    if "adapted_sublayers" in summary:
+        print(f"  beside sub-layers     {' and '.join(summary['adapted_sublayers']):>12}")
     print(
         f"  trainable in all      {summary['trainable_params']:>12,}  "
         f"({summary['trainable_percent']:.3f} % of the backbone; method alone {summary['method_percent']:.3f} %)"

@@ -145,6 +145,18 @@ def test_summary_json_for_every_method_file_on_both_backbones(checkpoints, capsy
     assert summary["trainable_params"] == trainable
     assert summary["trainable_percent"] == pytest.approx(100 * trainable / BACKBONE[backbone])
     assert summary["method_percent"] == pytest.approx(100 * method / BACKBONE[backbone])
+    beside = {"adapter": ["FFN"], "conformer_adapter": ["FFN"], "dense_moa": ["MHSA"], "soft_moa": ["MHSA"]}
+    assert summary.get("adapted_sublayers") == beside.get(method_file.stem)
+
+
+@pytest.mark.parametrize(
+    ("options", "beside"),
+    [(["--adapter_location=MHSA"], "MHSA"), (["--adapter_type=Houlsby"], "MHSA and FFN"), ([], "FFN")],
+)
+def test_summary_says_where_the_adapters_sit(checkpoints, capsys, options, beside):
+    path = LIBRARY_HPARAMS / "methods" / "adapter.yaml"
+    assert summary_main([str(path), f"--backbone_source={checkpoints['ast']}", "--target_length=100", *options]) == 0
+    assert f"  beside sub-layers     {beside:>12}\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("dataset", ["FSC", "ESC50", "UrbanSound8K", "GSC", "IEMOCAP"])
