@@ -12,7 +12,20 @@ writes into DIR:
 - `few_shot.png`: accuracy against K training items per class, one panel per dataset (when few-shot runs exist);
 - `curves/<dataset>_<method>_<backbone>_seed<s>[_fewshot<K>].png`: per run, losses and validation accuracy per
   epoch from each fold's `train_log.txt`;
-- `confusion/<same name>.png`: per run, the test confusion matrix summed over its folds, with class names.
+- `confusion/<same name>.png`: per run, the test confusion matrix summed over its folds, with class names;
+- `grid_<dataset>_<method>_<backbone>_<key>[_fewshot<K>].png`: a grid sweep (`--grid kernel_size=1,3,8`), when
+  rows of one dataset, backbone, method and K differ in one setting only, with numbers for values: test accuracy
+  (mean, std error bars) against the setting's values, sorted (log axis when positive and spanning over a
+  factor 10); a line per combination of the other settings when several such series exist; linked from report.md.
+
+Rows of the MLSP 2024 paper's presets (`paper_preset` in results.json's `settings`,
+`recipes/<DS>/hparams/paper/<preset>.yaml`) are set beside the paper's numbers, read through `petl_apps.paper`:
+their labels name the paper's row (`conformer_adapter [paper: conformer Pfeiffer]`); report.md opens with a
+"Paper comparison" section (the paper's source and protocol, then per row with a number in the paper for its
+preset, dataset, backbone and K: the paper's table and row, measured and paper accuracy, the difference in points,
+measured and paper trainable parameters; the preset rows without one are named); `accuracy_vs_params.png` shows
+the paper's point as a hollow marker of the row's colour (x: the paper's parameter count, when it prints a
+single one such as `249K`), the measured one filled.
 
 A row (`Group`) is one experiment: dataset, backbone, method (results.json's `method`, what was trained)
 and every setting that defines a run (the results' `settings` less `NON_DEFINING_SETTINGS`, with the
@@ -35,28 +48,36 @@ import argparse
 import json
 import logging
 import math
+import re
 import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+from petl_apps.paper import TABLES, PaperCell, paper_cell, protocol, source, table_cells
 from petl_modules.atomic import atomic_path, write_text_atomic
 from petl_modules.methods import METHOD_FILES
 
 __all__ = [
     "METHOD_ORDER",
     "NON_DEFINING_SETTINGS",
+    "Grid",
     "Group",
     "LeftOut",
+    "Point",
     "ReportError",
     "Run",
+    "accuracy_vs_params_points",
     "drop_duplicates",
+    "find_grids",
     "find_runs",
     "group_runs",
     "main",
+    "paper_params",
     "parse_train_log",
     "summed_confusion",
     "write_report",
@@ -102,6 +123,8 @@ NON_DEFINING_SETTINGS = frozenset(
 )
 # Top-level results.json fields that define a run (the recipe copies them from the settings).
 _TOP_LEVEL_SETTINGS = ("backbone_source", "few_shot_samples", "number_of_epochs")
+# The setting naming a run's paper preset (recipes/<DS>/hparams/paper/<preset>.yaml records it).
+PAPER_PRESET = "paper_preset"
 # A setting one row has and another of the same dataset, backbone and method lacks (shown as `unset`).
 _UNSET = object()
 
@@ -199,6 +222,17 @@ def _value_rank(value: Any) -> tuple[int, float | str]:
     return (2, "") if value is _UNSET else (1, _format_value(value))
 
 
+@cache
+def _paper_label(preset: str, backbone: str, few_shot: bool) -> str | None:
+    """The paper's row label for `preset` on `backbone`: of a few-shot table (Table 2) for few-shot rows, else of
+    a full-data one, else any; None when no table of that backbone has the preset.
+    """
+    cells = [cell for table in TABLES for cell in table_cells(table) if cell.preset == preset]
+    cells = [cell for cell in cells if cell.backbone == backbone]
+    fitting = [cell for cell in cells if (cell.few_shot is not None) == few_shot] or cells
+    return fitting[0].label if fitting else None
+
+
 @dataclass
 class Group:
     """One row: the runs of one dataset, backbone, method, few-shot K and settings, pooled over seeds and folds.
@@ -217,14 +251,41 @@ class Group:
     runs: list[Run] = field(default_factory=list)
 
     @property
+    def paper_preset(self) -> str | None:
+        """The paper preset the row's runs were made with (`paper_preset` of their settings), or None."""
+        preset = self.settings.get(PAPER_PRESET)
+        return preset if isinstance(preset, str) and preset else None
+
+    @property
+    def paper(self) -> PaperCell | None:
+        """The paper's number for this row: its preset on its dataset and backbone at its K; None without one."""
+        if self.paper_preset is None:
+            return None
+        cell = paper_cell(self.paper_preset, self.dataset, self.few_shot)
+        return cell if cell is not None and cell.backbone == self.backbone else None
+
+    @property
+    def paper_label(self) -> str | None:
+        """The paper's name for the row's preset on its backbone (Table 2's for few-shot rows), or None."""
+        return _paper_label(self.paper_preset, self.backbone, self.few_shot is not None) if self.paper_preset else None
+
+    @property
+    def title(self) -> str:
+        """The method, with the paper's row for a preset row: `conformer_adapter [paper: conformer Pfeiffer]`."""
+        return f"{self.method} [paper: {self.paper_label}]" if self.paper_label else self.method
+
+    @property
     def setting_text(self) -> str:
-        """`number_of_epochs=20, num_adapters=4`: the settings in which this row differs from its siblings."""
-        return ", ".join(f"{key}={_format_value(self.settings.get(key, _UNSET))}" for key in self.shown)
+        """`number_of_epochs=20, num_adapters=4`: the settings in which this row differs from its siblings
+        (not the preset when the title names the paper's row).
+        """
+        shown = [key for key in self.shown if key != PAPER_PRESET or not self.paper_label]
+        return ", ".join(f"{key}={_format_value(self.settings.get(key, _UNSET))}" for key in shown)
 
     @property
     def label(self) -> str:
-        """The row's name in tables: the method, with the settings that tell it from its siblings."""
-        return f"{self.method} ({self.setting_text})" if self.shown else self.method
+        """The row's name in tables: its title, with the settings that tell it from its siblings."""
+        return f"{self.title} ({self.setting_text})" if self.setting_text else self.title
 
     @property
     def order(self) -> tuple:
@@ -463,7 +524,7 @@ def _label(group: Group, backbones: set[str]) -> str:
     """The row's name: its method, with its backbone when the figure shows several, and its shown settings."""
     if len(backbones) == 1:
         return group.label
-    return f"{group.method} ({'; '.join(filter(None, (group.backbone, group.setting_text)))})"
+    return f"{group.title} ({'; '.join(filter(None, (group.backbone, group.setting_text)))})"
 
 
 def _compact(count: float) -> str:
@@ -474,25 +535,84 @@ def _compact(count: float) -> str:
     return f"{count:g}"
 
 
-def plot_accuracy_vs_params(groups: Sequence[Group], path: Path) -> None:
-    """Test accuracy (%) against trainable parameters, log x axis, a panel per dataset, a point per row."""
-    datasets = sorted({g.dataset for g in groups})
+_PARAMS = re.compile(r"(\d+(?:\.\d+)?)\s*([KMG]?)", re.IGNORECASE)
+_SCALES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+def paper_params(text: str | None) -> float | None:
+    """A parameter count as the paper prints it, as a number: `249K` -> 249e3, `85M` -> 85e6; None for None
+    or anything that is not one count (`9K/40K`).
+    """
+    match = _PARAMS.fullmatch(text.strip()) if isinstance(text, str) else None
+    return float(match[1]) * _SCALES[match[2].lower()] if match else None
+
+
+@dataclass(frozen=True)
+class Point:
+    """A marker of `accuracy_vs_params.png`: a row's measured test accuracy (filled, error bar = std) or, for a
+    paper-preset row, the paper's (hollow, `paper` True, no std), in the row's colour. Accuracies in %.
+    """
+
+    dataset: str
+    label: str
+    params: float
+    accuracy: float
+    std: float | None
+    color: str
+    marker: str
+    paper: bool = False
+
+
+def accuracy_vs_params_points(groups: Sequence[Group]) -> list[Point]:
+    """Every marker of `accuracy_vs_params.png`, panel (dataset) by panel, in row order.
+
+    A row without test accuracy or trainable count has none. Colours `C0`, `C1`... go to the rows in order,
+    except that the rows compared with one number of the paper (a preset's rows, several in a grid) share one;
+    that number has one hollow marker in that colour at the paper's values, when the paper prints a single
+    parameter count for it (`paper_params`).
+    """
     backbones = {g.backbone for g in groups}
     markers = {backbone: marker for backbone, marker in zip(sorted(backbones), "osD^v")}
+    points = []
+    for dataset in sorted({g.dataset for g in groups}):
+        colors: dict[Any, str] = {}
+        for group in (g for g in groups if g.dataset == dataset and g.stats("accuracy") and g.trainable):
+            mean, std, _ = group.stats("accuracy")
+            cell, marker = group.paper, markers[group.backbone]
+            shared = cell in colors
+            color = colors.setdefault(cell if cell is not None else id(group), f"C{len(colors) % 10}")
+            label = _label(group, backbones)
+            points.append(Point(dataset, label, float(group.trainable), 100 * mean, 100 * std, color, marker))
+            params = paper_params(cell.params) if cell and not shared else None
+            if params is not None:
+                paper = f"paper: {cell.label} ({cell.params})"
+                points.append(Point(dataset, paper, params, cell.accuracy, None, color, marker, paper=True))
+    return points
+
+
+def plot_accuracy_vs_params(groups: Sequence[Group], path: Path) -> None:
+    """Test accuracy (%) against trainable parameters, log x axis, a panel per dataset, a point per row
+    (`accuracy_vs_params_points`): measured filled and annotated, the paper's hollow and in the legend.
+    """
+    points = accuracy_vs_params_points(groups)
+    datasets = sorted({g.dataset for g in groups})
     fig, axes = _panels(len(datasets))
     for ax, dataset in zip(axes, datasets):
-        for group in (g for g in groups if g.dataset == dataset):
-            stats = group.stats("accuracy")
-            if stats is None or not group.trainable:
+        for point in (p for p in points if p.dataset == dataset):
+            if point.paper:
+                ax.plot(
+                    point.params,
+                    point.accuracy,
+                    linestyle="none",
+                    marker=point.marker,
+                    markersize=8,
+                    markerfacecolor="none",
+                    markeredgecolor=point.color,
+                    label=point.label,
+                )
                 continue
-            mean, std, _ = stats
-            ax.errorbar(group.trainable, 100 * mean, yerr=100 * std, marker=markers[group.backbone], capsize=3)
-            ax.annotate(
-                _label(group, backbones),
-                (group.trainable, 100 * mean),
-                textcoords="offset points",
-                xytext=(4, 4),
-            )
+            ax.errorbar(point.params, point.accuracy, yerr=point.std, marker=point.marker, color=point.color, capsize=3)
+            ax.annotate(point.label, (point.params, point.accuracy), textcoords="offset points", xytext=(4, 4))
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(_ticker().LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(_ticker().FuncFormatter(lambda x, _: _compact(x)))
@@ -501,6 +621,8 @@ def plot_accuracy_vs_params(groups: Sequence[Group], path: Path) -> None:
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)
+        if any(p.paper and p.dataset == dataset for p in points):
+            ax.legend(fontsize="x-small", title="hollow: the paper's", title_fontsize="x-small")
     fig.suptitle("Accuracy against trainable parameters")
     _save(fig, path)
 
@@ -532,6 +654,111 @@ def plot_few_shot(groups: Sequence[Group], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle("Few-shot accuracy")
+    _save(fig, path)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _file_part(text: str) -> str:
+    """A name part safe in a file name (letters, digits, `.`, `_`, `-`; anything else becomes `_`)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A grid sweep: rows of one dataset, backbone, method and K that differ only in the setting `key`, whose
+    values are numbers. `series` are (label, rows sorted by the key's value): one per combination of the other
+    settings (label empty when there is one; else the settings in which the series differ).
+    """
+
+    dataset: str
+    backbone: str
+    method: str
+    few_shot: int | None
+    key: str
+    series: tuple[tuple[str, tuple[Group, ...]], ...]
+
+    @property
+    def file(self) -> str:
+        """`grid_<dataset>_<method>_<backbone>_<key>[_fewshot<K>].png`."""
+        name = "_".join(_file_part(part) for part in ("grid", self.dataset, self.method, self.backbone, self.key))
+        return name + (f"_fewshot{self.few_shot}" if self.few_shot is not None else "") + ".png"
+
+    @property
+    def values(self) -> list[float | int]:
+        """The key's values over every series, sorted."""
+        return sorted({row.settings[self.key] for _, rows in self.series for row in rows})
+
+
+def find_grids(groups: Sequence[Group]) -> list[Grid]:
+    """Every grid sweep among the rows: for each dataset, backbone, method and K, and each setting, the rows
+    that are equal in every other setting, when at least two of them share it and all have a number for it.
+
+    Rows differing in two settings at once are no grid of either; of a two-setting grid (each value of one with
+    each of the other), each setting has a grid with a series per value of the other.
+    """
+    siblings: dict[tuple, list[Group]] = defaultdict(list)
+    for group in groups:
+        siblings[(group.dataset, group.backbone, group.method, group.few_shot)].append(group)
+    grids = []
+    for (dataset, backbone, method, few_shot), rows in siblings.items():
+        if len(rows) < 2:
+            continue
+        for key in sorted({name for row in rows for name in row.settings} - {"few_shot_samples"}):
+            others: dict[str, list[Group]] = defaultdict(list)
+            for row in rows:
+                rest = {name: value for name, value in row.settings.items() if name != key}
+                others[json.dumps(rest, sort_keys=True, default=str)].append(row)
+            series = [
+                sorted(members, key=lambda row: row.settings[key])
+                for members in others.values()
+                if len(members) > 1 and all(_is_number(row.settings.get(key)) for row in members)
+            ]
+            if not series:
+                continue
+            heads = [members[0].settings for members in series]  # a series' rows differ in `key` only
+            names = sorted({name for head in heads for name in head} - {key})
+            differing = [name for name in names if len({_comparable(head, name) for head in heads}) > 1]
+            series.sort(key=lambda members: [_value_rank(members[0].settings.get(n, _UNSET)) for n in differing])
+            labelled = tuple(
+                (", ".join(f"{n}={_format_value(head.get(n, _UNSET))}" for n in differing), tuple(members))
+                for members in series
+                for head in [members[0].settings]
+            )
+            grids.append(Grid(dataset, backbone, method, few_shot, key, labelled))
+    return sorted(grids, key=lambda g: (g.dataset, g.backbone, g.few_shot or 0, _method_rank(g.method), g.key))
+
+
+def plot_grid(grid: Grid, path: Path) -> None:
+    """Test accuracy (%, mean with std error bars) against the grid's setting, a line per series; log x axis when
+    the values are positive and span more than a factor 10; the paper's number dashed when all rows share one.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    for label, rows in grid.series:
+        points = [(row.settings[grid.key], row.stats("accuracy")) for row in rows]
+        points = [(value, 100 * stats[0], 100 * stats[1]) for value, stats in points if stats is not None]
+        if points:
+            values, means, stds = zip(*points)
+            ax.errorbar(values, means, yerr=stds, marker="o", capsize=3, label=label or None)
+    values = grid.values
+    if values[0] > 0 and values[-1] > 10 * values[0]:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(_ticker().NullFormatter())
+    ax.set_xticks(values, [_format_value(value) for value in values])
+    cells = {row.paper for _, rows in grid.series for row in rows}
+    if len(cells) == 1 and None not in cells:
+        cell = cells.pop()
+        ax.axhline(cell.accuracy, color="gray", linestyle="--", label=f"paper: {cell.label}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    shots = f", K={grid.few_shot}" if grid.few_shot is not None else ""
+    ax.set_title(f"{grid.dataset}: {grid.method} ({grid.backbone}{shots})")
+    ax.set_xlabel(grid.key)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, alpha=0.3)
     _save(fig, path)
 
 
@@ -684,6 +911,65 @@ def _few_shot_table(groups: Sequence[Group]) -> list[str]:
     return lines + [""]
 
 
+def _paper_section(groups: Sequence[Group]) -> list[str]:
+    """The paper's source and protocol, and a row per preset row with a number in the paper (none without
+    preset rows): measured beside the paper's accuracy, the difference in points, and the parameters.
+    """
+    presets = [g for g in groups if g.paper_preset]
+    if not presets:
+        return []
+    compared = [g for g in presets if g.paper]
+    order = {cell: index for table in TABLES for index, cell in enumerate(table_cells(table))}
+    compared.sort(key=lambda g: (g.paper.table, order[g.paper], g.order))  # the paper's order
+    lines = [
+        "## Paper comparison",
+        "",
+        f"Rows run with a paper preset (`{PAPER_PRESET}` in their settings) beside the paper's number for the preset,",
+        f"dataset, backbone and K: {source()}.",
+        "Difference = measured mean - paper, in points. Rows of one preset that differ in another setting (a grid)",
+        "are each compared, their method naming the setting.",
+        "",
+        f"Protocol: {protocol()}",
+        "",
+    ]
+    if compared:
+        header = ["table", "paper row", "dataset", "K", "method", "test accuracy (%)", "paper (%)"]
+        header += ["difference (points)", "trainable params", "paper params"]
+        lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        for g in compared:
+            cell, test = g.paper, g.stats("accuracy")
+            method = f"{g.method} ({g.setting_text})" if g.setting_text else g.method
+            row = [f"Table {cell.table.removeprefix('table')}", _md(cell.label), g.dataset]
+            row += ["-" if g.few_shot is None else str(g.few_shot), _md(method), _cell(test, g.partial)]
+            row += [f"{cell.accuracy:.2f}", f"{100 * test[0] - cell.accuracy:+.2f}" if test else "-"]
+            row += [" / ".join(f"{count:,}" for count in g.trainable_counts) or "-", _md(cell.params or "-")]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    missing = [g for g in presets if not g.paper]
+    if missing:
+        named = "; ".join(
+            f"{g.label} on {g.dataset} ({g.backbone}{'' if g.few_shot is None else f', K={g.few_shot}'})"
+            for g in missing
+        )
+        lines += [f"Without a number in the paper (its preset, dataset, backbone or K not there): {_md(named)}.", ""]
+    return lines
+
+
+def _grid_section(grids: Sequence[Grid]) -> list[str]:
+    lines = [
+        "## Grid sweeps",
+        "",
+        "Test accuracy against one setting, where rows of a dataset, backbone, method and K differ in it only:",
+        "",
+    ]
+    for grid in grids:
+        shots = "" if grid.few_shot is None else f", K={grid.few_shot}"
+        values = ", ".join(_format_value(value) for value in grid.values)
+        row = f"{grid.dataset}, {_md(grid.method)} ({grid.backbone}{shots})"
+        lines.append(f"- {row}, `{grid.key}` = {values}: [png]({grid.file})")
+    return lines + [""]
+
+
 def _unique_names(runs: Sequence[Run]) -> dict[Path, str]:
     """Each run's figure name, suffixed `_2`, `_3`... when two runs would share one."""
     names, used = {}, defaultdict(int)
@@ -730,6 +1016,7 @@ def write_report(roots: Sequence[str | Path], out: str | Path) -> Path:
         "Accuracies in %, mean ± population std over every fold of every seed; `runs` counts seeds (results.json),",
         "`folds` the fold results pooled. † = some folds of a run are missing (partial).",
         "",
+        *_paper_section(groups),
     ]
     if full:
         plot_accuracy_vs_params(full, out / MAIN_FIGURE)
@@ -739,6 +1026,11 @@ def write_report(roots: Sequence[str | Path], out: str | Path) -> Path:
         plot_few_shot(few, out / FEW_SHOT_FIGURE)
         lines += ["## Few-shot (test accuracy, K training items per class)", "", *_few_shot_table(few)]
         lines += [f"![few-shot accuracy]({FEW_SHOT_FIGURE})", "", "### Details", "", *_detail_table(few)]
+    grids = find_grids(groups)
+    for grid in grids:
+        plot_grid(grid, out / grid.file)
+    if grids:
+        lines += _grid_section(grids)
     rows = {run.path: _md(g.label) for g in groups for run in g.runs}
     lines += ["## Runs", "", "| run | row | folds | missing | curves | confusion | results |"]
     lines.append("|---|---|---|---|---|---|---|")
