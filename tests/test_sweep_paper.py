@@ -5,7 +5,6 @@ lines run real recipes in test_sweep_slurm.py."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -15,16 +14,10 @@ from pathlib import Path
 
 import pytest
 from recipe_helpers import REPO
+from test_sweep import OFFICIAL, sweep
 
-from petl_apps.sweep import main, recipe_folds, write_slurm
+from petl_apps.sweep import recipe_folds, write_slurm
 
-OFFICIAL = {
-    "FSC": "fluent_speech_commands_dataset",
-    "ESC50": "ESC-50-master",
-    "UrbanSound8K": "UrbanSound8K",
-    "GSC": "speech_commands_v0.02",
-    "IEMOCAP": "IEMOCAP_full_release",
-}
 # The paper's rows, in its order (typed here again, not read from petl_apps.paper).
 TABLE1 = [
     "full_ft",
@@ -48,12 +41,6 @@ PYTHON = sys.executable
 @pytest.fixture(autouse=True)
 def _repository_root(monkeypatch):
     monkeypatch.chdir(REPO)  # the recipes are found as recipes/ under the current directory
-
-
-def sweep(*argv: str) -> tuple[int, list[str]]:
-    stream = io.StringIO()
-    code = main(list(argv), stream=stream)
-    return code, stream.getvalue().splitlines()
 
 
 def command(dataset: str, preset: str, out: Path, seed: int = 10, k: int | None = None, root: str = "/d") -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import PETLModule, choice, positive_int
@@ -58,7 +59,13 @@ class ConformerBlock(PETLModule):
         self.norm = nn.LayerNorm(hidden_size)
         self.pointwise_in = nn.Linear(hidden_size, 2 * bottleneck)
         self.glu = nn.GLU(dim=-1)
-        self.depthwise = nn.Conv1d(bottleneck, bottleneck, kernel_size, padding="same", groups=bottleneck)
+        # "same" padding: (k - 1) // 2 zeros on the left, k // 2 on the right (written out for even k, for which
+        # PyTorch's padding="same" warns at every call).
+        self.same_padding = ((kernel_size - 1) // 2, kernel_size // 2)
+        odd = kernel_size % 2 == 1
+        self.depthwise = nn.Conv1d(
+            bottleneck, bottleneck, kernel_size, padding=kernel_size // 2 if odd else 0, groups=bottleneck
+        )
         self.batch_norm = nn.BatchNorm1d(bottleneck)
         self.activation = nn.SiLU()
         self.pointwise_out = nn.Linear(bottleneck, hidden_size)
@@ -69,7 +76,10 @@ class ConformerBlock(PETLModule):
         h = self.glu(self.pointwise_in(self.norm(x)))
         if padding_mask is not None:
             h = h * padding_mask[..., None]
-        h = self.batch_norm(self.depthwise(h.transpose(1, 2)))
+        h = h.transpose(1, 2)
+        if self.depthwise.padding == (0,) and self.depthwise.kernel_size[0] > 1:
+            h = F.pad(h, self.same_padding)
+        h = self.batch_norm(self.depthwise(h))
         return self.pointwise_out(self.activation(h).transpose(1, 2))
 
 
