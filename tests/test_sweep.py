@@ -110,14 +110,18 @@ ERRORS = {
 }
 
 
-@pytest.mark.parametrize("case", list(ERRORS))
-def test_one_line_errors(tmp_path, capsys, case):
-    argv, message = ERRORS[case]
+def check_one_line_error(tmp_path, capsys, argv: list[str], message: str) -> None:
+    """The sweep with `argv` (a `--print` run into `tmp_path`) exits 1 with one line matching `message`."""
     split = argv.index("--") if "--" in argv else len(argv)
     code, _ = sweep(*argv[:split], f"--output_folder={tmp_path}", "--print", *argv[split:])
     error = capsys.readouterr().err
-    assert code == 1 and error.count("\n") == 1 and error.startswith("sweep: error: ")
-    assert re.search(message, error)
+    assert code == 1 and error.count("\n") == 1 and error.startswith("sweep: error: "), error
+    assert re.search(message, error.strip()), error
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_one_line_errors(tmp_path, capsys, case):
+    check_one_line_error(tmp_path, capsys, *ERRORS[case])
 
 
 def test_another_backbone_in_the_folder_stops(tmp_path, capsys):

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from recipe_helpers import REPO
-from test_sweep import OFFICIAL, sweep
+from test_sweep import OFFICIAL, check_one_line_error, sweep
 
 from petl_apps.sweep import recipe_folds, write_slurm
 
@@ -188,12 +187,7 @@ ERRORS = {
 
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_one_line_errors(tmp_path, capsys, case):
-    argv, message = ERRORS[case]
-    split = argv.index("--") if "--" in argv else len(argv)
-    code, _ = sweep(*argv[:split], f"--output_folder={tmp_path}", "--print", *argv[split:])
-    error = capsys.readouterr().err
-    assert code == 1 and error.count("\n") == 1 and error.startswith("sweep: error: "), error
-    assert re.search(message, error.strip()), error
+    check_one_line_error(tmp_path, capsys, *ERRORS[case])
 
 
 # --- the recipes' folds ---------------------------------------------------------------------------------------
