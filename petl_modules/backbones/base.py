@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.masking_utils import create_bidirectional_mask
 
 
 class OptionError(ValueError):
@@ -28,10 +29,13 @@ class ForwardState:
     (heads, tokens, tokens)), None where the architecture passes nothing. `_run_layer` sets them from its
     arguments before each layer (so a recomputed layer reads its own again); `reset` clears them at the start
     of each forward, so that no value of an earlier forward is ever read.
+    `task_rows` (task name -> the batch rows of that task) is set around a forward by the multi-task
+    classifier (`petl_modules.multitask`) for its routed modules, and None otherwise; `reset` leaves it.
     """
 
     padding_mask: torch.Tensor | None = None
     position_bias: torch.Tensor | None = None
+    task_rows: dict[str, torch.Tensor] | None = None
 
     def reset(self) -> None:
         self.padding_mask = None
@@ -165,11 +169,14 @@ class Backbone(nn.Module):
 
     def layer_attention_mask(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None):
         """What every layer takes besides the tokens, for the current sequence length: the mask in the form the
-        Hugging Face layers expect, or what the backbone's `_run_layer` unpacks (WavLM: with its relative
-        position bias). Computed before the first layer and again whenever a token hook changes the length,
-        outside activation checkpointing (a recomputed layer gets the same object).
+        Hugging Face layers expect (None when no token is padding), or what the backbone's `_run_layer` unpacks
+        (WavLM: with its relative position bias). Computed before the first layer and again whenever a token
+        hook changes the tokens' length or mask, outside activation checkpointing (a recomputed layer gets the
+        same object).
         """
-        return None
+        if padding_mask is None:
+            return None
+        return create_bidirectional_mask(config=self.model.config, inputs_embeds=tokens, attention_mask=padding_mask)
 
     def attention_logit_bias(self, attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """What the frozen `attention` module adds to its attention logits besides the padding mask, for its
@@ -194,7 +201,7 @@ class Backbone(nn.Module):
         for index, layer in enumerate(self.layers):
             for hook in self.token_hooks:
                 new_tokens, new_mask = hook(index, tokens, mask)
-                if new_tokens.shape[1] != tokens.shape[1]:
+                if new_tokens.shape[1] != tokens.shape[1] or new_mask is not mask:
                     layer_mask = self.layer_attention_mask(new_tokens, new_mask)
                 tokens, mask = new_tokens, new_mask
             if self.layer_dropped(index):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import Data2VecAudioModel, HubertModel, Wav2Vec2Model
-from transformers.masking_utils import create_bidirectional_mask
 
 from .base import Backbone, relative_to_mask
 from .loading import load_pretrained, read_preprocessor_config
@@ -119,8 +118,3 @@ class Wav2Vec2Backbone(Backbone):
     def layer_dropped(self, index: int) -> bool:
         layerdrop = self.model.config.layerdrop
         return self.model.encoder.training and layerdrop > 0 and bool(torch.rand(()) < layerdrop)
-
-    def layer_attention_mask(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
-        if padding_mask is None:
-            return None
-        return create_bidirectional_mask(config=self.model.config, inputs_embeds=tokens, attention_mask=padding_mask)
