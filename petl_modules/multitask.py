@@ -40,6 +40,7 @@ from torch import nn
 
 from .backbones import DEFAULT_SOURCES, build_backbone
 from .backbones.base import Backbone, ForwardState
+from .data import read_audio
 from .export import backbone_revision
 from .inference import AudioClassifier
 from .methods.adapter import AdaptedSublayer
@@ -499,3 +500,36 @@ class MultiTaskClassifier(nn.Module):
             finally:
                 self.state.task_rows = None
         return results
+
+    def sample_rate(self) -> int:
+        """What every task's input waveforms must be (one backbone: one rate)."""
+        return next(iter(self._groups.values())).backbone.sample_rate if self._groups else 16000
+
+    def classify_files(
+        self, paths: Sequence[str | Path], tasks: Sequence[str] | None = None, top_k: int = 5, batch_size: int = 16
+    ) -> list[dict]:
+        """Every file through each of `tasks` (None: all loaded tasks), in mixed batches of `batch_size` clips.
+
+        One record per file: `{"file", "results": [{"task", "labels": [{"label", "score"}, ...]}]}`, each task's
+        `top_k` classes best first with their probabilities, as `classify --json` lists a single run's.
+        """
+        names = list(self.tasks) if tasks is None else list(tasks)
+        if not names:
+            raise InferenceError("no task is loaded; add one with --task NAME=DIR")
+        if top_k < 1:
+            raise InferenceError(f"--top_k must be at least 1; got {top_k}")
+        pairs = [(index, name) for index in range(len(paths)) for name in names]
+        waveforms = [read_audio(path, self.sample_rate()) for path in paths]
+        records = [{"file": str(path), "results": []} for path in paths]
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            clips = [waveforms[index] for index, _ in chunk]
+            longest = max(len(clip) for clip in clips)
+            wavs = torch.stack([F.pad(clip, (0, longest - len(clip))) for clip in clips])
+            lens = torch.tensor([len(clip) / longest for clip in clips])
+            for (index, name), probabilities in zip(chunk, self.class_probabilities(wavs, lens, [n for _, n in chunk])):
+                classes = self.tasks[name].classes
+                values, order = probabilities.topk(min(top_k, len(classes)))
+                labels = [{"label": classes[i], "score": float(v)} for v, i in zip(values.tolist(), order.tolist())]
+                records[index]["results"].append({"task": name, "labels": labels})
+        return records

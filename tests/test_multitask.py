@@ -192,3 +192,35 @@ def test_bad_names_and_batches_are_one_line_errors(exports):
     with pytest.raises(InferenceError, match=r"^2 clips but 1 task names; give one task per clip$"):
         classifier.class_probabilities(wavs, lens, ["lora"])
     assert json.loads((exports["lora"] / "export.json").read_text())["method"] == "lora"
+
+
+def test_classify_command_with_tasks_lists_each_tasks_labels_as_its_run_alone(exports, capsys):
+    from trained_runs import manifest_items
+
+    from petl_modules import classify
+
+    files = [path for path, _ in manifest_items(exports["lora"].parent.parent / "runs" / "lora")][:3]
+    tasks = ["lora", "deep_prompts", "longer_input"]
+    records = classify.main([*(f"--task={name}={exports[name]}" for name in tasks), *files, "--top_k=2", "--json"])
+    assert json.loads(capsys.readouterr().out) == records
+    assert [record["file"] for record in records] == files
+    for name in tasks:
+        alone = classify.classify(str(exports[name]), files, top_k=2, device="cpu")
+        for record, single in zip(records, alone):
+            (result,) = [result for result in record["results"] if result["task"] == name]
+            assert [entry["label"] for entry in result["labels"]] == [entry["label"] for entry in single["top_k"]]
+            scores = [entry["score"] for entry in result["labels"]]
+            assert scores == pytest.approx([entry["score"] for entry in single["top_k"]], abs=1e-5)
+    text = classify.format_task_records(records)
+    assert text.splitlines()[0] == f"{files[0]}:" and text.splitlines()[1].lstrip().startswith("lora ")
+
+
+def test_classify_command_with_tasks_refuses_in_one_line(exports, capsys):
+    from petl_modules import classify
+
+    with pytest.raises(SystemExit, match=r"^classify: error: --task lora: expected NAME=DIR"):
+        classify.main(["--task=lora", "x.wav"])
+    with pytest.raises(SystemExit, match=r"^classify: error: --window_seconds goes with --run"):
+        classify.main([f"--task=lora={exports['lora']}", "x.wav", "--window_seconds=1"])
+    with pytest.raises(SystemExit, match=r"^classify: error: task t \(.*full_ft\): full_ft changed the backbone"):
+        classify.main([f"--task=t={exports['full_ft']}", "x.wav"])
