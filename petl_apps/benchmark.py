@@ -10,6 +10,9 @@
         [--timing_epochs 3] [--timing_words 4] [--timing_clips 6] [--batch_size 8] [--num_workers 2] [--workdir DIR]
         (real GSC recipe runs on generated data: epoch times of linear probing with and without cached
         embeddings, and the share of data loading; see recipe_timing.py)
+    python -m petl_apps.benchmark --serving --backbone_source DIR [--serving_tasks 1,2,4,8] [--batch_size 16]
+        [--serving_seconds 1.0] [--json OUT.json]
+        (many tasks on one backbone: a mixed batch against one task, memory, exactness; see serving_bench.py)
 
 Rows are the library's method blocks (`hparams/methods/<name>.yaml`, named as the recipes' hparams files;
 `<name>+ckpt` adds `activation_checkpointing: True`) and four references:
@@ -58,8 +61,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from petl_apps.commands import RecipesNotFoundError
 from petl_apps.recipe_timing import RecipeTimingError, recipe_timing
+from petl_apps.serving_bench import serving_benchmark, serving_table
 from petl_modules.atomic import atomic_path, write_json_atomic
-from petl_modules.backbones import BACKBONES
+from petl_modules.backbones import BACKBONES, BackboneLoadError
 from petl_modules.hparams_loader import LIBRARY_HPARAMS, load_hparams
 from petl_modules.linear_cached import logits_from_pooled, pooled_features
 from petl_modules.methods import METHOD_FILES
@@ -616,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--recipe_timing", action="store_true", help="epoch times of GSC recipe runs (recipe_timing.py)"
     )
+    parser.add_argument("--serving", action="store_true", help="many tasks on one backbone (serving_bench.py)")
+    parser.add_argument("--serving_tasks", default="1,2,4,8", help="serving: task counts T")
+    parser.add_argument("--serving_seconds", type=float, default=1.0, help="serving: clip length in seconds")
     parser.add_argument("--timing_epochs", type=int, default=3, help="recipe timing: epochs per run")
     parser.add_argument("--timing_words", type=int, default=4, help="recipe timing: generated GSC words")
     parser.add_argument("--timing_clips", type=int, default=6, help="recipe timing: clips per word and split")
@@ -683,6 +690,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.recipe_timing:
             output = timed_recipes(args, log)
             print(output["table"])
+        elif args.serving:
+            if not args.backbone_source:
+                raise BenchmarkError("--serving needs --backbone_source DIR (an AST folder)")
+            if args.device == "cuda" and not torch.cuda.is_available():
+                raise BenchmarkError("--device cuda: no CUDA device is visible; use --device cpu")
+            counts = int_list("--serving_tasks", args.serving_tasks)
+            rows = serving_benchmark(
+                args.backbone_source,
+                counts,
+                args.batch_size,
+                args.serving_seconds,
+                args.repeats,
+                args.warmup,
+                args.device,
+                log,
+            )
+            output = {"command": sys.argv, "threads": torch.get_num_threads(), "serving": rows}
+            print(serving_table(rows))
         elif args.scaling:
             all_setups = setups(args)
             rows = parse_rows("full_ft,lora,adapter" if args.methods == "all" else args.methods)
@@ -716,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
             if checks:
                 print()
                 print(targets_table(checks))
-    except (BenchmarkError, RecipeTimingError, RecipesNotFoundError) as error:
+    except (BenchmarkError, RecipeTimingError, RecipesNotFoundError, BackboneLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:

@@ -47,7 +47,7 @@ from .methods.adapter import AdaptedSublayer
 from .methods.base import PETLModule
 from .methods.lora import LoRALinear, LoRAUpdate
 from .methods.prompt import PrefixAttention, PromptTokens
-from .model import ClassificationHead
+from .model import ClassificationHead, PETLModel
 from .run_folder import EXPORT_INFO, InferenceError, is_export
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
@@ -241,7 +241,7 @@ class Task:
     """One task: its name, classes, where it came from, and what it adds beside the routed modules."""
 
     name: str
-    folder: Path
+    origin: str  # where it came from: the run or export folder
     method: str
     classes: list[str]
     trainable_parameters: int
@@ -286,10 +286,7 @@ class MultiTaskClassifier(nn.Module):
 
     def add_task(self, name: str, folder: str | Path, overrides: dict | None = None) -> Task:
         """Load the run or export in `folder` as task `name`; refuses, in one line, what cannot share."""
-        if not TASK_NAME.match(name or ""):
-            raise InferenceError(f"task name {name!r}: use letters, digits, _ and - (starting with a letter or digit)")
-        if name in self.tasks or name == "all":
-            raise InferenceError(f"task name {name!r} is taken; choose another")
+        self._check_name(name)
         folder = Path(folder).expanduser().resolve()
         info = json.loads((folder / EXPORT_INFO).read_text()) if is_export(folder) else None
         if info is not None and info.get("merged"):
@@ -301,38 +298,64 @@ class MultiTaskClassifier(nn.Module):
         classifier = AudioClassifier.from_hparams(
             folder, overrides=overrides, run_opts={"device": "cpu"}, freeze_params=False
         )
-        model, hparams = classifier.mods.model, classifier.hparams
-        if model.method.trains_backbone:
-            raise InferenceError(
-                f"task {name} ({folder}): {model.method.display_name} changed the backbone itself; it cannot share one"
-            )
+        hparams = classifier.hparams
         kind = str(hparams.backbone)
         source = str(hparams.backbone_source or DEFAULT_SOURCES[kind])
-        revision = info["backbone"]["revision"] if info is not None else backbone_revision(source)
+        revision = info["backbone"]["revision"] if info is not None else None
+        options = {"target_length": getattr(hparams, "target_length", 1024)}
+        options["whisper_window"] = getattr(hparams, "whisper_window", "clip")
+        origin = f"{name} ({folder})"
+        return self.add_model(name, classifier.mods.model, classifier.classes, kind, source, options, revision, origin)
+
+    def add_model(
+        self,
+        name: str,
+        model: PETLModel,
+        classes: Sequence[str],
+        kind: str,
+        source: str,
+        options: dict,
+        revision: dict | None = None,
+        origin: str | None = None,
+    ) -> Task:
+        """Add a trained `model` (built by `build_backbone(kind, source, **options)` plus its method) as task
+        `name`; its method's modules move into the shared backbone. `revision` identifies the backbone (an export's;
+        None: computed from `source`).
+        """
+        self._check_name(name)
+        origin = origin or name
+        if model.method.trains_backbone:
+            raise InferenceError(
+                f"task {origin}: {model.method.display_name} changed the backbone itself; it cannot share one"
+            )
+        revision = revision if revision is not None else backbone_revision(source)
         identity = (kind, {key: value for key, value in revision.items() if key != "path"})
         if self._backbone_identity is not None and identity != self._backbone_identity:
             raise InferenceError(
-                f"task {name} ({folder}) was trained on another backbone ({kind} {revision}); the loaded tasks "
+                f"task {origin} was trained on another backbone ({kind} {revision}); the loaded tasks "
                 f"share {self._backbone_identity[0]} {self._backbone_identity[1]}"
             )
-        settings = model.backbone.input_settings()
-        key = json.dumps(settings, sort_keys=True)
+        key = json.dumps(model.backbone.input_settings(), sort_keys=True)
         if key not in self._groups:
-            options = {"target_length": getattr(hparams, "target_length", 1024)}
-            options["whisper_window"] = getattr(hparams, "whisper_window", "clip")
             self._groups[key] = self._new_group(kind, source, options)
             self.backbones[f"group{len(self.backbones)}"] = self._groups[key].backbone
         group = self._groups[key]
+        groups = model.trainable_parameter_groups()
         self._route(name, model.backbone, group)
         final_norm = copy.deepcopy(model.backbone.final_norm)
         self.heads[name] = nn.ModuleDict({"head": model.head, **({"final_norm": final_norm} if final_norm else {})})
-        groups = model.trainable_parameter_groups()
-        task = Task(name, folder, model.method.display_name, classifier.classes, sum(groups.values()), key,
+        task = Task(name, origin, model.method.display_name, list(classes), sum(groups.values()), key,
                     final_norm, model.head)  # fmt: skip
         self.tasks[name] = task
         self._backbone_identity = identity
         self.eval().to(self.device)
         return task
+
+    def _check_name(self, name: str) -> None:
+        if not TASK_NAME.match(name or ""):
+            raise InferenceError(f"task name {name!r}: use letters, digits, _ and - (starting with a letter or digit)")
+        if name in self.tasks or name == "all":
+            raise InferenceError(f"task name {name!r} is taken; choose another")
 
     def remove_task(self, name: str) -> None:
         """Drop task `name` and every module it added; the other tasks are untouched."""

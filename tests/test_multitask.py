@@ -224,3 +224,19 @@ def test_classify_command_with_tasks_refuses_in_one_line(exports, capsys):
         classify.main([f"--task=lora={exports['lora']}", "x.wav", "--window_seconds=1"])
     with pytest.raises(SystemExit, match=r"^classify: error: task t \(.*full_ft\): full_ft changed the backbone"):
         classify.main([f"--task=t={exports['full_ft']}", "x.wav"])
+
+
+def test_serving_benchmark_rows_are_exact_and_share_the_backbone(tmp_path):
+    from petl_apps import benchmark
+    from petl_apps.serving_bench import SERVING_METHODS
+
+    source = write_random_checkpoint("ast", tmp_path / "ast")
+    out = tmp_path / "serving.json"
+    argv = ["--serving", f"--backbone_source={source}", "--serving_tasks=1,8", "--batch_size=8"]
+    assert benchmark.main([*argv, "--repeats=1", "--warmup=0", f"--json={out}"]) == 0
+    one, eight = json.loads(out.read_text())["serving"]
+    assert (one["tasks"], eight["tasks"]) == (1, 8) and eight["methods"] == list(SERVING_METHODS)
+    assert one["max_abs_diff"] < 1e-5 and eight["max_abs_diff"] < 1e-5
+    # Eight tasks on one backbone hold far less than eight backbones, and more than one task.
+    assert eight["state_bytes"] < eight["separate_bytes"] / 4 and eight["state_bytes"] > one["state_bytes"]
+    assert eight["mixed_s"] > 0 and eight["one_task_s"] > 0
