@@ -463,18 +463,17 @@ class MultiTaskClassifier(nn.Module):
         return module
 
     def _routed_linear(self, backbone: Backbone, original: nn.Linear) -> RoutedLinear:
-        for module in backbone.modules():
-            if isinstance(module, RoutedLinear) and module.base is original:
-                return module
-        routed = RoutedLinear(original, self.state)
-        _replace(backbone, original, routed)
-        return routed
+        return self._routed_around(backbone, original, RoutedLinear)
 
     def _routed_norm(self, backbone: Backbone, original: nn.LayerNorm) -> RoutedNorm:
+        return self._routed_around(backbone, original, RoutedNorm)
+
+    def _routed_around(self, backbone: Backbone, original: nn.Module, kind: type) -> nn.Module:
+        """The routed module of class `kind` around the frozen `original`, put in its place the first time."""
         for module in backbone.modules():
-            if isinstance(module, RoutedNorm) and module.norm is original:
+            if isinstance(module, kind) and next(module.children()) is original:
                 return module
-        routed = RoutedNorm(original, self.state)
+        routed = kind(original, self.state)
         _replace(backbone, original, routed)
         return routed
 
