@@ -284,6 +284,11 @@ class MultiTaskClassifier(nn.Module):
 
     # --- tasks ---------------------------------------------------------------------------------------------
 
+    @property
+    def backbone_kind(self) -> str | None:
+        """The `backbone` kind the loaded tasks share (None before the first task)."""
+        return self._backbone_identity[0] if self._backbone_identity else None
+
     def add_task(self, name: str, folder: str | Path, overrides: dict | None = None) -> Task:
         """Load the run or export in `folder` as task `name`; refuses, in one line, what cannot share."""
         self._check_name(name)

@@ -1,0 +1,342 @@
+"""Serve many tasks on one backbone over HTTP, with dynamic batching (FastAPI + uvicorn: `pip install -e .[serve]`).
+
+    python -m petl_modules.serve --task NAME=DIR [--task NAME=DIR ...] [--host 127.0.0.1] [--port 8000]
+        [--device cpu|cuda] [--max_batch_size 16] [--max_wait_ms 10] [--max_queue 256] [--max_upload_mb 20]
+        [--max_seconds 60] [--task_folder DIR]
+
+API (JSON; errors are `{"error": "one line"}`):
+
+- `GET /health` -> `{"status": "ok", "tasks": N}`
+- `GET /v1/tasks` -> `[{name, method, backbone, classes, trainable_params}, ...]`
+- `POST /v1/classify`, multipart form `file` (any audio `classify` reads), `task` (a name, or `all`), `top_k`
+  (default 5) -> `{"results": [{"task", "labels": [{"label", "score"}, ...]}]}`, labels best first, the scores
+  the class probabilities `classify --json` gives. 400 unreadable or empty audio, 404 unknown task, 413 upload
+  or duration over the limits, 422 missing fields or bad `top_k`, 503 when the queue is full.
+- `GET /metrics`: Prometheus text (requests by status, batch sizes, queue and inference time).
+- With `--task_folder DIR` only (export folders hold HyperPyYAML, which runs code): `POST /v1/tasks`
+  `{"name", "path"}` (a folder inside DIR) and `DELETE /v1/tasks/{name}`.
+
+Dynamic batching: each request's clips wait at most `max_wait_ms` for others (any mix of tasks), then up to
+`max_batch_size` clips run as one mixed batch of the multi-task classifier (`petl_modules.multitask`); decoding
+and resampling run in worker threads, the model in one thread of its own, so neither blocks the server. The
+server keeps no state between requests besides the loaded tasks: replicas behind a load balancer scale it out.
+It binds to the loopback interface by default; serve only exports you trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import torch
+
+try:  # the `serve` extra
+    from fastapi import FastAPI, File, Form, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+except ImportError:  # `create_app` and `main` say how to install it
+    FastAPI = None
+
+from .backbones import BackboneLoadError
+from .data import AudioError, read_audio
+from .hparams_loader import HparamsError
+from .multitask import MultiTaskClassifier
+from .run_folder import InferenceError
+
+
+@dataclass
+class ServeSettings:
+    """The server's limits and options (the command line's)."""
+
+    max_batch_size: int = 16
+    max_wait_ms: float = 10.0
+    max_queue: int = 256  # clips waiting for the model; more: 503
+    max_upload_mb: float = 20.0
+    max_seconds: float = 60.0
+    task_folder: Path | None = None  # loading tasks at run time: only from inside this folder
+
+
+class ServeError(Exception):
+    """A request the server answers with `status` and `{"error": message}`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Pending:
+    wav: torch.Tensor
+    task: str
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Collects clips from concurrent requests into mixed batches of the classifier (one model thread)."""
+
+    def __init__(self, classifier: MultiTaskClassifier, settings: ServeSettings, metrics) -> None:
+        self.classifier = classifier
+        self.settings = settings
+        self.metrics = metrics
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petl-model")
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task | None = None
+        self.waiting = 0
+
+    def _start(self) -> asyncio.Queue:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+        return self._queue
+
+    async def classify(self, wav: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
+        """The class probabilities of `wav` for each of `tasks`, once its batch has run."""
+        queue = self._start()
+        if self.waiting + len(tasks) > self.settings.max_queue:
+            raise ServeError(503, f"the queue is full ({self.waiting} clips waiting); retry later")
+        loop = asyncio.get_running_loop()
+        pending = [_Pending(wav, task, loop.create_future()) for task in tasks]
+        self.waiting += len(pending)
+        for item in pending:
+            queue.put_nowait(item)
+        return list(await asyncio.gather(*(item.future for item in pending)))
+
+    async def run_in_model_thread(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.model_thread, function, *args)
+
+    async def _run(self) -> None:
+        queue = self._queue
+        while True:
+            batch = [await queue.get()]
+            deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
+            while len(batch) < self.settings.max_batch_size:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), remaining))
+                except TimeoutError:
+                    break
+            self.waiting -= len(batch)
+            started = time.perf_counter()
+            for item in batch:
+                self.metrics["queue"].observe(started - item.enqueued)
+            self.metrics["batch"].observe(len(batch))
+            try:
+                results = await self.run_in_model_thread(self._score, batch)
+            except Exception as error:  # noqa: BLE001 - every waiting request learns of the failure
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                continue
+            self.metrics["inference"].observe(time.perf_counter() - started)
+            for item, probabilities in zip(batch, results):
+                if not item.future.done():
+                    item.future.set_result(probabilities)
+
+    def _score(self, batch: list[_Pending]) -> list[torch.Tensor]:
+        longest = max(len(item.wav) for item in batch)
+        wavs = torch.zeros(len(batch), longest)
+        for row, item in enumerate(batch):
+            wavs[row, : len(item.wav)] = item.wav
+        lens = torch.tensor([len(item.wav) / longest for item in batch])
+        return self.classifier.class_probabilities(wavs, lens, [item.task for item in batch])
+
+
+def _decode(data: bytes, sample_rate: int) -> torch.Tensor:
+    """The upload's audio as a mono waveform at `sample_rate` (the checks and messages of `read_audio`)."""
+    with tempfile.NamedTemporaryFile(suffix=".audio") as handle:
+        handle.write(data)
+        handle.flush()
+        try:
+            return read_audio(handle.name, sample_rate)
+        except AudioError as error:
+            raise ServeError(400, str(error).replace(handle.name, "the upload")) from None
+
+
+def create_app(classifier: MultiTaskClassifier, settings: ServeSettings | None = None):
+    """The ASGI app serving `classifier`'s tasks."""
+    if FastAPI is None:
+        raise ImportError("the server needs its extra: pip install -e .[serve]")
+    settings = settings or ServeSettings()
+    registry = CollectorRegistry()
+    requests = Counter("petl_requests", "HTTP requests by path and status", ["path", "status"], registry=registry)
+    metrics = {
+        "batch": Histogram(
+            "petl_batch_size", "clips per model batch", registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64)
+        ),
+        "queue": Histogram("petl_queue_seconds", "time a clip waited for its batch", registry=registry),
+        "inference": Histogram("petl_inference_seconds", "time of one model batch", registry=registry),
+    }
+    batcher = Batcher(classifier, settings, metrics)
+    app = FastAPI(title="PETL audio tasks", docs_url=None, redoc_url=None)
+    app.state.batcher = batcher
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message.splitlines()[0] if message else "error"}, status_code=status)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        requests.labels(request.url.path if request.url.path in KNOWN_PATHS else "other", response.status_code).inc()
+        return response
+
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, exc: ServeError):
+        return error(exc.status, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        return error(422, f"{where or 'request'}: {first.get('msg', 'invalid')}")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "tasks": len(classifier.tasks)}
+
+    @app.get("/v1/tasks")
+    async def tasks():
+        return [
+            {
+                "name": task.name,
+                "method": task.method,
+                "backbone": classifier.backbone_kind,
+                "classes": task.classes,
+                "trainable_params": task.trainable_parameters,
+            }
+            for task in classifier.tasks.values()
+        ]
+
+    @app.post("/v1/classify")
+    async def classify(
+        file: Annotated[UploadFile, File()], task: Annotated[str, Form()], top_k: Annotated[int, Form()] = 5
+    ):
+        if top_k < 1:
+            raise ServeError(422, f"top_k must be at least 1; got {top_k}")
+        names = list(classifier.tasks) if task == "all" else [task]
+        unknown = [name for name in names if name not in classifier.tasks]
+        if unknown or not names:
+            raise ServeError(404, f"no task {task!r}; the tasks are {', '.join(classifier.tasks) or 'none'}")
+        limit = int(settings.max_upload_mb * 2**20)
+        data = await file.read(limit + 1)
+        if len(data) > limit:
+            raise ServeError(413, f"the upload is over {settings.max_upload_mb:g} MB")
+        if not data:
+            raise ServeError(400, "the upload is empty")
+        wav = await asyncio.to_thread(_decode, data, classifier.sample_rate())
+        if len(wav) > settings.max_seconds * classifier.sample_rate():
+            raise ServeError(413, f"the audio is over {settings.max_seconds:g} s")
+        probabilities = await batcher.classify(wav, names)
+        results = []
+        for name, row in zip(names, probabilities):
+            classes = classifier.tasks[name].classes
+            values, order = row.topk(min(top_k, len(classes)))
+            labels = [{"label": classes[i], "score": float(v)} for v, i in zip(values.tolist(), order.tolist())]
+            results.append({"task": name, "labels": labels})
+        return {"results": results}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/tasks")
+    async def add(request: Request):
+        folder = _loading_folder(settings)
+        body = await request.json() if request.headers.get("content-type", "").startswith("application/json") else {}
+        name, path = body.get("name"), body.get("path")
+        if not isinstance(name, str) or not isinstance(path, str):
+            raise ServeError(422, 'give a JSON body {"name": NAME, "path": FOLDER}')
+        target = (folder / path).resolve() if not Path(path).is_absolute() else Path(path).resolve()
+        if not target.is_relative_to(folder):
+            raise ServeError(403, f"path {path!r} is outside the task folder {folder}")
+        try:
+            task = await batcher.run_in_model_thread(classifier.add_task, name, target)
+        except (InferenceError, HparamsError, BackboneLoadError) as exc:
+            raise ServeError(400, str(exc)) from None
+        return JSONResponse({"name": task.name, "method": task.method, "classes": task.classes}, status_code=201)
+
+    @app.delete("/v1/tasks/{name}")
+    async def remove(name: str):
+        _loading_folder(settings)
+        if name not in classifier.tasks:
+            raise ServeError(404, f"no task {name!r}")
+        await batcher.run_in_model_thread(classifier.remove_task, name)
+        return {"removed": name}
+
+    return app
+
+
+KNOWN_PATHS = ("/health", "/v1/tasks", "/v1/classify", "/metrics")
+
+
+def _loading_folder(settings: ServeSettings) -> Path:
+    if settings.task_folder is None:
+        raise ServeError(403, "loading tasks at run time is off; start the server with --task_folder DIR")
+    return Path(settings.task_folder).resolve()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m petl_modules.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--task", action="append", required=True, metavar="NAME=DIR", help="a task (repeatable)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    defaults = ServeSettings()
+    parser.add_argument("--max_batch_size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--max_wait_ms", type=float, default=defaults.max_wait_ms)
+    parser.add_argument("--max_queue", type=int, default=defaults.max_queue)
+    parser.add_argument("--max_upload_mb", type=float, default=defaults.max_upload_mb)
+    parser.add_argument("--max_seconds", type=float, default=defaults.max_seconds)
+    parser.add_argument("--task_folder", help="allow POST/DELETE /v1/tasks, for folders inside this one only")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = ServeSettings(
+        args.max_batch_size,
+        args.max_wait_ms,
+        args.max_queue,
+        args.max_upload_mb,
+        args.max_seconds,
+        Path(args.task_folder) if args.task_folder else None,
+    )
+    for option in ("max_batch_size", "max_queue"):
+        if getattr(settings, option) < 1:
+            sys.exit(f"serve: error: --{option} must be at least 1")
+    try:
+        import uvicorn
+    except ImportError:
+        uvicorn = None
+    if uvicorn is None or FastAPI is None:
+        sys.exit("serve: error: the server needs its extra: pip install -e .[serve]")
+    classifier = MultiTaskClassifier(device)
+    try:
+        for spec in args.task:
+            name, sep, folder = spec.partition("=")
+            if not sep or not name or not folder:
+                raise InferenceError(f"--task {spec}: expected NAME=DIR (a run or export folder)")
+            classifier.add_task(name, folder)
+    except (InferenceError, HparamsError, BackboneLoadError, AudioError) as error:
+        sys.exit(f"serve: error: {error}")
+    print(f"serving {len(classifier.tasks)} task(s) on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    uvicorn.run(create_app(classifier, settings), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["Batcher", "ServeError", "ServeSettings", "create_app", "main"]
