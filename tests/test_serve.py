@@ -206,3 +206,54 @@ def test_the_command_serves_on_the_loopback(runs):
         server.wait(timeout=30)
     assert health.json() == {"status": "ok", "tasks": 1}
     assert answer.status_code == 200 and answer.json()["results"][0]["task"] == "lora"
+
+
+def test_mixed_load_with_bad_inputs_answers_every_request(runs):
+    """A few hundred concurrent requests mixing both tasks, `all`, and bad inputs (empty, random bytes, a cut
+    header, an unknown task, a missing field, a 10-minute file, an upload over the limit): every good request is
+    answered with its own task's labels, every bad one with its status, and the server answers afterwards."""
+    rng = np.random.default_rng(0)
+    long_file = wav_bytes(600.0)  # 10 minutes: over --max_seconds
+    big_upload = b"\0" * (3 * 2**20)  # over --max_upload_mb
+    bad = [
+        (b"", {"task": "lora"}, 400),
+        (bytes(rng.integers(0, 256, 5000, dtype=np.uint8)), {"task": "adapter"}, 400),
+        (wav_bytes()[:30], {"task": "lora"}, 400),
+        (wav_bytes(), {"task": "nope"}, 404),
+        (wav_bytes(), {}, 422),
+        (long_file, {"task": "lora"}, 413),
+        (big_upload, {"task": "lora"}, 413),
+    ]
+    app = make_app(runs, max_batch_size=32, max_wait_ms=5, max_queue=10_000, max_upload_mb=2, max_seconds=30)
+    clips = [wav_bytes(0.3 + 0.05 * (i % 5), seed=i) for i in range(5)]
+    plan = []
+    for i in range(300):
+        if i % 10 == 9:
+            plan.append(bad[(i // 10) % len(bad)])
+        else:
+            plan.append((clips[i % 5], {"task": ("lora", "adapter", "all")[i % 3]}, 200))
+
+    async def scenario(client):
+        semaphore = asyncio.Semaphore(32)
+
+        async def one(data, form):
+            async with semaphore:
+                return await post(client, data, **form)
+
+        answers = await asyncio.gather(*(one(data, form) for data, form, _ in plan))
+        return answers, await client.get("/health")
+
+    answers, health = run(app, scenario)
+    scores = {}  # (clip, task) -> the scores of every answer: equal whatever batch the clip ran in
+    for index, ((_, form, status), answer) in enumerate(zip(plan, answers)):
+        assert answer.status_code == status, (form, answer.text)
+        if status == 200:
+            results = answer.json()["results"]
+            assert [r["task"] for r in results] == (["lora", "adapter"] if form["task"] == "all" else [form["task"]])
+            for result in results:
+                scores.setdefault((index % 5, result["task"]), []).append([e["score"] for e in result["labels"]])
+        else:
+            assert list(answer.json()) == ["error"]
+    for values in scores.values():
+        assert all(other == pytest.approx(values[0], abs=1e-5) for other in values)
+    assert health.json() == {"status": "ok", "tasks": 2}
