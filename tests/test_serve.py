@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 from trained_runs import manifest_items, trained_run
 
+from petl_apps import serve_load
 from petl_modules import classify
 from petl_modules.multitask import MultiTaskClassifier
 from petl_modules.serve import ServeSettings, create_app
@@ -176,7 +177,7 @@ def test_task_loading_only_from_the_named_folder(runs, tmp_path):
     assert json.loads(json.dumps(scored.json()))["results"][0]["task"] == "adapter"
 
 
-def test_the_command_serves_on_the_loopback(runs):
+def test_the_command_serves_on_the_loopback(runs, tmp_path):
     """`python -m petl_modules.serve` with uvicorn on a free loopback port: /health, then a classification."""
     import os
     import socket
@@ -201,11 +202,18 @@ def test_the_command_serves_on_the_loopback(runs):
                 time.sleep(0.2)
         files = {"file": ("clip.wav", wav_bytes(), "audio/wav")}
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/classify", files=files, data={"task": "lora"}, timeout=60)
+        clip = tmp_path / "clip.wav"
+        clip.write_bytes(wav_bytes())
+        load = ["--url", f"http://127.0.0.1:{port}", "--audio", str(clip), "--concurrency", "1,4"]
+        assert serve_load.main([*load, "--requests", "12", "--warmup", "2", "--json", str(tmp_path / "load.json")]) == 0
+        rows = json.loads((tmp_path / "load.json").read_text())["rows"]
     finally:
         server.terminate()
         server.wait(timeout=30)
     assert health.json() == {"status": "ok", "tasks": 1}
     assert answer.status_code == 200 and answer.json()["results"][0]["task"] == "lora"
+    assert [(row["concurrency"], row["requests"], row["failed"]) for row in rows] == [(1, 12, 0), (4, 12, 0)]
+    assert all(row["requests_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0 for row in rows)
 
 
 def test_mixed_load_with_bad_inputs_answers_every_request(runs):
