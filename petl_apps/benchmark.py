@@ -633,6 +633,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError("--device cuda: no CUDA device is visible; use --device cpu")
+
+
 def setups(args) -> list[Setup]:
     sources = {"ast": args.backbone_source, **{kind: getattr(args, f"{kind}_source") for kind in SOURCE_OPTIONS}}
     names = args.backbones.split(",") if args.backbones else [name for name, source in sources.items() if source]
@@ -644,8 +649,7 @@ def setups(args) -> list[Setup]:
         if not sources[name]:
             option = "--backbone_source" if name == "ast" else f"--{name}_source"
             raise BenchmarkError(f"--backbones {name} needs {option} DIR")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise BenchmarkError("--device cuda: no CUDA device is visible; use --device cpu")
+    check_device(args.device)
     for option in ("frames", "batch_size", "repeats"):
         if getattr(args, option) < 1:
             raise BenchmarkError(f"--{option} must be a positive integer; got {getattr(args, option)}")
@@ -693,8 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.serving:
             if not args.backbone_source:
                 raise BenchmarkError("--serving needs --backbone_source DIR (an AST folder)")
-            if args.device == "cuda" and not torch.cuda.is_available():
-                raise BenchmarkError("--device cuda: no CUDA device is visible; use --device cpu")
+            check_device(args.device)
             counts = int_list("--serving_tasks", args.serving_tasks)
             rows = serving_benchmark(
                 args.backbone_source,

@@ -73,38 +73,50 @@ def restricted(state: ForwardState, rows: torch.Tensor) -> Iterator[None]:
         state.padding_mask, state.task_rows = saved
 
 
-def _discard(entries: nn.ModuleDict | nn.ParameterDict, task: str) -> None:
-    if task in entries:
-        del entries[task]
-
-
 def _rows(state: ForwardState, entries: nn.ModuleDict | dict) -> Iterator[tuple[str, torch.Tensor]]:
     for name, rows in (state.task_rows or {}).items():
         if name in entries:
             yield name, rows
 
 
-class RoutedSublayer(nn.Module):
+class _Routed(nn.Module):
+    """A frozen module with entries per task beside it, routed by the shared `ForwardState.task_rows`.
+
+    `ENTRIES` names the per-task dicts (`remove` drops a task from each); the state is held, not registered as a
+    submodule (it is none).
+    """
+
+    ENTRIES: tuple[str, ...] = ()
+
+    def __init__(self, state: ForwardState) -> None:
+        super().__init__()
+        object.__setattr__(self, "state", state)
+
+    def remove(self, task: str) -> None:
+        for name in self.ENTRIES:
+            entries = getattr(self, name)
+            if task in entries:
+                del entries[task]
+
+
+class RoutedSublayer(_Routed):
     """A frozen sub-layer with, per task, the module an adapter or a mixture put beside or after it.
 
     Per task as `AdaptedSublayer` computes it: parallel, sub-layer(x) + m(x); sequential, m(sub-layer(x)); with
     `residual`, m(h) + h. Rows of tasks without a module here get the sub-layer's output.
     """
 
+    ENTRIES = ("modules_by_task", "placement")
+
     def __init__(self, sublayer: nn.Module, state: ForwardState) -> None:
-        super().__init__()
+        super().__init__(state)
         self.sublayer = sublayer
         self.modules_by_task = nn.ModuleDict()
         self.placement: dict[str, tuple[bool, bool]] = {}  # task -> (parallel, residual)
-        object.__setattr__(self, "state", state)
 
     def add(self, task: str, module: nn.Module, parallel: bool, residual: bool) -> None:
         self.modules_by_task[task] = module
         self.placement[task] = (parallel, residual)
-
-    def remove(self, task: str) -> None:
-        _discard(self.modules_by_task, task)
-        self.placement.pop(task, None)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         output = self.sublayer(hidden_states, *args, **kwargs)
@@ -121,20 +133,18 @@ class RoutedSublayer(nn.Module):
         return (adapted, *output[1:]) if isinstance(output, tuple) else adapted
 
 
-class RoutedAttention(nn.Module):
+class RoutedAttention(_Routed):
     """The frozen attention, and per task with prefixes its `PrefixAttention` on that task's rows."""
 
+    ENTRIES = ("prefixes",)
+
     def __init__(self, attention: nn.Module, state: ForwardState) -> None:
-        super().__init__()
+        super().__init__(state)
         self.attention = attention
         self.prefixes = nn.ModuleDict()
-        object.__setattr__(self, "state", state)
 
     def add(self, task: str, prefix_attention: PrefixAttention) -> None:
         self.prefixes[task] = prefix_attention
-
-    def remove(self, task: str) -> None:
-        _discard(self.prefixes, task)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         output = self.attention(hidden_states, *args, **kwargs)
@@ -146,19 +156,16 @@ class RoutedAttention(nn.Module):
         return (main, *output[1:]) if isinstance(output, tuple) else main
 
 
-class RoutedLinear(nn.Module):
+class RoutedLinear(_Routed):
     """A frozen Linear plus, per task, its LoRA update and the change BitFit made to its bias."""
 
+    ENTRIES = ("updates", "bias_changes")
+
     def __init__(self, base: nn.Linear, state: ForwardState) -> None:
-        super().__init__()
+        super().__init__(state)
         self.base = base
         self.updates = nn.ModuleDict()  # task -> LoRAUpdate
         self.bias_changes = nn.ParameterDict()  # task -> trained bias - frozen bias
-        object.__setattr__(self, "state", state)
-
-    def remove(self, task: str) -> None:
-        _discard(self.updates, task)
-        _discard(self.bias_changes, task)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = self.base(x)
@@ -169,17 +176,15 @@ class RoutedLinear(nn.Module):
         return output
 
 
-class RoutedNorm(nn.Module):
+class RoutedNorm(_Routed):
     """A frozen LayerNorm and, per task that trained it (sub-layer norms, BitFit's biases), the task's copy."""
 
+    ENTRIES = ("trained",)
+
     def __init__(self, norm: nn.LayerNorm, state: ForwardState) -> None:
-        super().__init__()
+        super().__init__(state)
         self.norm = norm
         self.trained = nn.ModuleDict()
-        object.__setattr__(self, "state", state)
-
-    def remove(self, task: str) -> None:
-        _discard(self.trained, task)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = self.norm(x)
@@ -188,7 +193,7 @@ class RoutedNorm(nn.Module):
         return output
 
 
-class RoutedPrompts(nn.Module):
+class RoutedPrompts(_Routed):
     """Each task's prompt tokens (`PromptTokens`) in its rows; the token hook of a routed backbone.
 
     Before the first layer, each prompted row becomes [front, its prompts, the rest] (its task's insertion point
@@ -197,14 +202,12 @@ class RoutedPrompts(nn.Module):
     before every later layer.
     """
 
-    def __init__(self, state: ForwardState) -> None:
-        super().__init__()
-        self.prompts = nn.ModuleDict()
-        object.__setattr__(self, "state", state)
-        self._spans: dict[str, tuple[int, int]] = {}  # task -> (start, length) of its prompts in this forward
+    ENTRIES = ("prompts",)
 
-    def remove(self, task: str) -> None:
-        _discard(self.prompts, task)
+    def __init__(self, state: ForwardState) -> None:
+        super().__init__(state)
+        self.prompts = nn.ModuleDict()
+        self._spans: dict[str, tuple[int, int]] = {}  # task -> (start, length) of its prompts in this forward
 
     def forward(self, layer_index: int, tokens: torch.Tensor, mask: torch.Tensor | None):
         routed = dict(_rows(self.state, self.prompts))
@@ -370,7 +373,7 @@ class MultiTaskClassifier(nn.Module):
         del self.heads[name]
         group = self._groups[task.group]
         for module in group.backbone.modules():
-            if isinstance(module, (RoutedSublayer, RoutedAttention, RoutedLinear, RoutedNorm, RoutedPrompts)):
+            if isinstance(module, _Routed):
                 module.remove(name)
         if not any(other.group == task.group for other in self.tasks.values()):
             for key, backbone in list(self.backbones.items()):
