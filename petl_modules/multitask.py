@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import DEFAULT_SOURCES, build_backbone
-from .backbones.base import Backbone, ForwardState
+from .backbones.base import Backbone, ClipFrontEnd, ForwardState
 from .data import read_audio
 from .export import backbone_revision
 from .inference import AudioClassifier
@@ -530,6 +530,23 @@ class MultiTaskClassifier(nn.Module):
             finally:
                 self.state.task_rows = None
         return results
+
+    def clip_input(self, wav: torch.Tensor, task: str) -> torch.Tensor:
+        """One waveform (samples,) as `task`'s backbone reads it: the features (frames, bins) of a clip front end
+        (AST's fbank, Whisper's log-mel), the waveform itself for a backbone without one.
+
+        Features are computed clip by clip either way (`ClipFrontEnd`), so computing them here, ahead of the
+        batch, changes no number; it lets a server run them outside the model's thread. `class_probabilities`
+        takes a batch of them (stacked features, `wav_lens` None) for tasks of one `input_group`.
+        """
+        front_end = self._groups[self.tasks[task].group].backbone.front_end
+        if isinstance(front_end, ClipFrontEnd):
+            return front_end.single(wav.to(self.device, torch.float32))
+        return wav
+
+    def input_group(self, task: str) -> str:
+        """The key of `task`'s input group: tasks with the same key read the same `clip_input`."""
+        return self.tasks[task].group
 
     def sample_rate(self) -> int:
         """What every task's input waveforms must be (one backbone: one rate)."""

@@ -6,6 +6,8 @@
 
 API (JSON; errors are `{"error": "one line"}`):
 
+- `GET /`: a page to try the tasks (pick a task, upload or record a clip, see the top labels as bars); it loads
+  nothing from elsewhere (`serve_page.html`, the only assets inline), so it works offline.
 - `GET /health` -> `{"status": "ok", "tasks": N}`
 - `GET /v1/tasks` -> `[{name, method, backbone, classes, trainable_params}, ...]`
 - `POST /v1/classify`, multipart form `file` (any audio `classify` reads), `task` (a name, or `all`), `top_k`
@@ -28,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,17 +38,19 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
+import torch.nn.functional as F
 
 try:  # the `serve` extra
     from fastapi import FastAPI, File, Form, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from starlette.exceptions import HTTPException
 except ImportError:  # `create_app` and `main` say how to install it
     FastAPI = None
 
 from .backbones import BackboneLoadError
-from .data import AudioError, read_audio
+from .data import AudioError, AudioTooLongError, decode_audio
 from .hparams_loader import HparamsError
 from .multitask import MultiTaskClassifier
 from .run_folder import InferenceError
@@ -75,8 +78,9 @@ class ServeError(Exception):
 
 @dataclass
 class _Pending:
-    wav: torch.Tensor
+    inputs: torch.Tensor  # the clip as its task's backbone reads it (`MultiTaskClassifier.clip_input`)
     task: str
+    group: str  # its task's input group: one batch per group
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -99,13 +103,25 @@ class Batcher:
             self._worker = asyncio.get_running_loop().create_task(self._run())
         return self._queue
 
-    async def classify(self, wav: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
-        """The class probabilities of `wav` for each of `tasks`, once its batch has run."""
+    def inputs(self, wav: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
+        """What the model reads of `wav` for each of `tasks` (front-end features computed once per input group);
+        run in a worker thread, so that the front end of one request overlaps the model's batch of others.
+        """
+        by_group: dict[str, torch.Tensor] = {}
+        for task in tasks:
+            group = self.classifier.input_group(task)
+            if group not in by_group:
+                by_group[group] = self.classifier.clip_input(wav, task)
+        return [by_group[self.classifier.input_group(task)] for task in tasks]
+
+    async def classify(self, inputs: Sequence[torch.Tensor], tasks: Sequence[str]) -> list[torch.Tensor]:
+        """The class probabilities of one clip for each of `tasks` (`inputs`: from `inputs`), once batched."""
         queue = self._start()
         if self.waiting + len(tasks) > self.settings.max_queue:
             raise ServeError(503, f"the queue is full ({self.waiting} clips waiting); retry later")
         loop = asyncio.get_running_loop()
-        pending = [_Pending(wav, task, loop.create_future()) for task in tasks]
+        groups = [self.classifier.input_group(task) for task in tasks]
+        pending = [_Pending(x, task, group, loop.create_future()) for x, task, group in zip(inputs, tasks, groups)]
         self.waiting += len(pending)
         for item in pending:
             queue.put_nowait(item)
@@ -145,23 +161,85 @@ class Batcher:
                     item.future.set_result(probabilities)
 
     def _score(self, batch: list[_Pending]) -> list[torch.Tensor]:
-        longest = max(len(item.wav) for item in batch)
-        wavs = torch.zeros(len(batch), longest)
-        for row, item in enumerate(batch):
-            wavs[row, : len(item.wav)] = item.wav
-        lens = torch.tensor([len(item.wav) / longest for item in batch])
-        return self.classifier.class_probabilities(wavs, lens, [item.task for item in batch])
+        """Each clip's class probabilities: one `class_probabilities` call per input group in the batch."""
+        results: list[torch.Tensor | None] = [None] * len(batch)
+        for group in dict.fromkeys(item.group for item in batch):
+            rows = [row for row, item in enumerate(batch) if item.group == group]
+            clips = [batch[row].inputs for row in rows]
+            if clips[0].dim() == 2:  # features of one shape
+                inputs, lens = torch.stack(clips), None
+            else:  # waveforms: zero-padded, with SpeechBrain relative lengths
+                longest = max(len(clip) for clip in clips)
+                inputs = torch.stack([F.pad(clip, (0, longest - len(clip))) for clip in clips])
+                lens = torch.tensor([len(clip) / longest for clip in clips])
+            scored = self.classifier.class_probabilities(inputs, lens, [batch[row].task for row in rows])
+            for row, probabilities in zip(rows, scored):
+                results[row] = probabilities
+        return results
 
 
-def _decode(data: bytes, sample_rate: int) -> torch.Tensor:
+def _decode(data: bytes, sample_rate: int, max_seconds: float) -> torch.Tensor:
     """The upload's audio as a mono waveform at `sample_rate` (the checks and messages of `read_audio`)."""
-    with tempfile.NamedTemporaryFile(suffix=".audio") as handle:
-        handle.write(data)
-        handle.flush()
-        try:
-            return read_audio(handle.name, sample_rate)
-        except AudioError as error:
-            raise ServeError(400, str(error).replace(handle.name, "the upload")) from None
+    try:
+        return decode_audio(data, sample_rate, "the upload", max_seconds)
+    except AudioTooLongError as error:
+        raise ServeError(413, str(error)) from None
+    except AudioError as error:
+        raise ServeError(400, str(error)) from None
+
+
+FORM_OVERHEAD = 64 * 2**10  # what a multipart body may hold besides the file: boundaries, headers, fields
+DRAIN_LIMIT = 2**30  # a declared body over the upload limit but under this is read and dropped before the 413
+
+
+class UploadLimit:
+    """ASGI middleware: a request body over `limit` bytes ends in 413, and no upload is ever stored whole.
+
+    A declared `Content-Length` over the limit is answered without storing any of the body: at once to a client
+    that waits for `100 Continue` (curl, for large uploads), which then sends none of it; after reading and
+    dropping the body, up to `DRAIN_LIMIT`, from a client that sends it all before reading the answer (most
+    HTTP libraries: closing the connection first would lose them the answer). A body without a length is
+    counted as it arrives and refused when it passes the limit.
+    """
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            if headers.get(b"expect", b"").lower() != b"100-continue" and int(declared) <= DRAIN_LIMIT:
+                while (await receive()).get("more_body", False):
+                    pass
+            response = JSONResponse({"error": self.message}, status_code=413, headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, self.message)
+            return message
+
+        return await self.app(scope, counted, send)
+
+    @property
+    def message(self) -> str:
+        return f"the upload is over {(self.limit - FORM_OVERHEAD) / 2**20:g} MB"
+
+
+def _prepare(batcher: Batcher, data: bytes, max_seconds: float, tasks: Sequence[str]) -> list[torch.Tensor]:
+    """An upload's model inputs for `tasks` (decoding, resampling and the front end: a worker thread's work)."""
+    wav = _decode(data, batcher.classifier.sample_rate(), max_seconds)
+    if len(wav) > max_seconds * batcher.classifier.sample_rate():  # formats whose header has no length
+        raise ServeError(413, f"the upload: the audio is over {max_seconds:g} s")
+    return batcher.inputs(wav, tasks)
 
 
 def create_app(classifier: MultiTaskClassifier, settings: ServeSettings | None = None):
@@ -185,6 +263,8 @@ def create_app(classifier: MultiTaskClassifier, settings: ServeSettings | None =
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message.splitlines()[0] if message else "error"}, status_code=status)
 
+    app.add_middleware(UploadLimit, limit=int(settings.max_upload_mb * 2**20) + FORM_OVERHEAD)
+
     @app.middleware("http")
     async def count(request: Request, call_next):
         response = await call_next(request)
@@ -195,11 +275,21 @@ def create_app(classifier: MultiTaskClassifier, settings: ServeSettings | None =
     async def serve_error(request: Request, exc: ServeError):
         return error(exc.status, str(exc))
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail))
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         return error(422, f"{where or 'request'}: {first.get('msg', 'invalid')}")
+
+    page = (Path(__file__).parent / "serve_page.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
 
     @app.get("/health")
     async def health():
@@ -234,10 +324,8 @@ def create_app(classifier: MultiTaskClassifier, settings: ServeSettings | None =
             raise ServeError(413, f"the upload is over {settings.max_upload_mb:g} MB")
         if not data:
             raise ServeError(400, "the upload is empty")
-        wav = await asyncio.to_thread(_decode, data, classifier.sample_rate())
-        if len(wav) > settings.max_seconds * classifier.sample_rate():
-            raise ServeError(413, f"the audio is over {settings.max_seconds:g} s")
-        probabilities = await batcher.classify(wav, names)
+        inputs = await asyncio.to_thread(_prepare, batcher, data, settings.max_seconds, names)
+        probabilities = await batcher.classify(inputs, names)
         results = []
         for name, row in zip(names, probabilities):
             classes = classifier.tasks[name].classes
@@ -277,7 +365,14 @@ def create_app(classifier: MultiTaskClassifier, settings: ServeSettings | None =
     return app
 
 
-KNOWN_PATHS = ("/health", "/v1/tasks", "/v1/classify", "/metrics")
+KNOWN_PATHS = ("/", "/health", "/v1/tasks", "/v1/classify", "/metrics")
+
+
+# The page may run its inline script and style and talk to this server only (recordings are decoded in blobs).
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    "media-src 'self' blob:; img-src data:; base-uri 'none'; form-action 'none'"
+)
 
 
 def _loading_folder(settings: ServeSettings) -> Path:

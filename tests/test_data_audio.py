@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import soundfile as sf
 import torch
 
 from petl_apps.synthetic import URBANSOUND8K_FORMATS, make_urbansound8k
-from petl_modules.data import AudioError, audio_info, read_audio
+from petl_modules.data import AudioError, AudioTooLongError, audio_info, decode_audio, read_audio
 
 
 def _sine(freq: float, sample_rate: int, seconds: float) -> np.ndarray:
@@ -112,3 +113,28 @@ def test_non_finite_samples(tmp_path: Path) -> None:
     with pytest.raises(AudioError) as err:
         read_audio(path)
     _assert_one_line_naming(err, path, "NaN")
+
+
+@pytest.mark.parametrize("sample_rate, subtype, channels", URBANSOUND8K_FORMATS[:4])
+@pytest.mark.parametrize("container", ["WAV", "FLAC", "OGG"])
+def test_decoding_bytes_equals_reading_the_file(
+    tmp_path: Path, sample_rate: int, subtype: str, channels: int, container: str
+) -> None:
+    signal = np.stack([_sine(700.0, sample_rate, 0.3)] * channels, axis=1)
+    path = tmp_path / f"clip.{container.lower()}"
+    subtype = {"WAV": subtype, "FLAC": "PCM_16", "OGG": "VORBIS"}[container]
+    sf.write(path, signal, sample_rate, subtype=subtype, format=container)
+    assert torch.equal(decode_audio(path.read_bytes()), read_audio(path))
+
+
+def test_decoding_bytes_checks_length_from_the_header_and_names_the_source() -> None:
+    buffer = io.BytesIO()
+    sf.write(buffer, _sine(440.0, 8000, 3.0), 8000, format="WAV")
+    data = buffer.getvalue()
+    assert len(decode_audio(data, max_seconds=3.0)) == 48000
+    with pytest.raises(AudioTooLongError, match=r"^the upload: the audio is over 2.5 s$"):
+        decode_audio(data, max_seconds=2.5)
+    for bad, problem in ((b"", "empty"), (data[:30], "cannot decode"), (b"junk" * 100, "cannot decode")):
+        with pytest.raises(AudioError, match=rf"^clip 7: .*{problem}") as err:
+            decode_audio(bad, name="clip 7")
+        assert "\n" not in str(err.value)

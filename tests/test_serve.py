@@ -1,21 +1,20 @@
 """The HTTP server: its API on two tasks sharing a tiny AST, dynamic batching, errors and limits, task loading.
 
-Requests go through httpx's ASGI transport (no socket), concurrently where batching is tested.
+Requests go through httpx's ASGI transport (no socket), concurrently where batching is tested; the server on a
+socket, its page in a browser and longer loads are in `test_serve_live.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 
 import httpx
 import numpy as np
 import pytest
-import soundfile as sf
+from serve_helpers import wav_bytes
 from trained_runs import manifest_items, trained_run
 
-from petl_apps import serve_load
 from petl_modules import classify
 from petl_modules.multitask import MultiTaskClassifier
 from petl_modules.serve import ServeSettings, create_app
@@ -31,13 +30,6 @@ def make_app(runs, **settings):
     for name, folder in runs.items():
         classifier.add_task(name, folder)
     return create_app(classifier, ServeSettings(**settings))
-
-
-def wav_bytes(seconds: float = 1.0, seed: int = 0) -> bytes:
-    buffer = io.BytesIO()
-    samples = np.random.default_rng(seed).normal(0, 0.1, int(16000 * seconds)).astype("float32")
-    sf.write(buffer, samples, 16000, format="WAV")
-    return buffer.getvalue()
 
 
 async def post(client, data: bytes | None, **form):
@@ -175,45 +167,6 @@ def test_task_loading_only_from_the_named_folder(runs, tmp_path):
     assert added.status_code == 201 and added.json()["method"] == "adapter"
     assert scored.status_code == 200 and removed.json() == {"removed": "adapter"} and gone.status_code == 404
     assert json.loads(json.dumps(scored.json()))["results"][0]["task"] == "adapter"
-
-
-def test_the_command_serves_on_the_loopback(runs, tmp_path):
-    """`python -m petl_modules.serve` with uvicorn on a free loopback port: /health, then a classification."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "petl_modules.serve", f"--task=lora={runs['lora']}", f"--port={port}"]
-    server = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout.readline().startswith(f"serving 1 task(s) on http://127.0.0.1:{port}/")
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-                break
-            except httpx.ConnectError:
-                assert time.monotonic() < deadline and server.poll() is None
-                time.sleep(0.2)
-        files = {"file": ("clip.wav", wav_bytes(), "audio/wav")}
-        answer = httpx.post(f"http://127.0.0.1:{port}/v1/classify", files=files, data={"task": "lora"}, timeout=60)
-        clip = tmp_path / "clip.wav"
-        clip.write_bytes(wav_bytes())
-        load = ["--url", f"http://127.0.0.1:{port}", "--audio", str(clip), "--concurrency", "1,4"]
-        assert serve_load.main([*load, "--requests", "12", "--warmup", "2", "--json", str(tmp_path / "load.json")]) == 0
-        rows = json.loads((tmp_path / "load.json").read_text())["rows"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    assert health.json() == {"status": "ok", "tasks": 1}
-    assert answer.status_code == 200 and answer.json()["results"][0]["task"] == "lora"
-    assert [(row["concurrency"], row["requests"], row["failed"]) for row in rows] == [(1, 12, 0), (4, 12, 0)]
-    assert all(row["requests_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0 for row in rows)
 
 
 def test_mixed_load_with_bad_inputs_answers_every_request(runs):

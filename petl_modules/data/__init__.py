@@ -1,6 +1,6 @@
 """Data side of the project: audio reading, manifests, fold protocols, few-shot sampling."""
 
-from petl_modules.data.audio import AudioError, audio_info, read_audio
+from petl_modules.data.audio import AudioError, AudioTooLongError, audio_info, decode_audio, read_audio
 from petl_modules.data.feature_cache import FeatureCache
 from petl_modules.data.manifest import (
     CLASSES_FILE,
@@ -34,7 +34,9 @@ __all__ = [
     "DataPreparationError",
     "FeatureCache",
     "assign_splits",
+    "AudioTooLongError",
     "audio_info",
+    "decode_audio",
     "audio_row",
     "check_few_shot",
     "few_shot_sample",

@@ -8,17 +8,22 @@ instead of trusting each one's nominal format.
 from __future__ import annotations
 
 import functools
+import io
 import os
 
 import soundfile as sf
 import torch
 import torchaudio
 
-__all__ = ["AudioError", "audio_info", "read_audio"]
+__all__ = ["AudioError", "AudioTooLongError", "audio_info", "decode_audio", "read_audio"]
 
 
 class AudioError(ValueError):
     """An audio file is missing, empty or unreadable; the message names the file."""
+
+
+class AudioTooLongError(AudioError):
+    """Audio longer than the caller allows (`decode_audio`'s `max_seconds`), found from the header alone."""
 
 
 def _fail(path: str | os.PathLike, problem: str) -> AudioError:
@@ -73,11 +78,35 @@ def read_audio(path: str | os.PathLike, target_sr: int = 16000) -> torch.Tensor:
         data, sample_rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError) as err:
         raise _fail(path, f"cannot decode audio ({err})") from err
+    return _mono_at(data, sample_rate, target_sr, path)
+
+
+def decode_audio(
+    data: bytes, target_sr: int = 16000, name: str = "the upload", max_seconds: float | None = None
+) -> torch.Tensor:
+    """`read_audio` for audio held in memory (an upload): the same result, checks and one-line errors, which
+    name `name`. With `max_seconds`, longer audio raises `AudioTooLongError` from the header, before decoding.
+    """
+    if not data:
+        raise _fail(name, "audio is empty (0 bytes)")
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as handle:
+            sample_rate = handle.samplerate
+            if max_seconds is not None and handle.frames > max_seconds * sample_rate:
+                raise AudioTooLongError(f"{name}: the audio is over {max_seconds:g} s")
+            samples = handle.read(dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError) as err:
+        raise _fail(name, f"cannot decode audio ({err})") from err
+    return _mono_at(samples, sample_rate, target_sr, name)
+
+
+def _mono_at(data, sample_rate: int, target_sr: int, source: str | os.PathLike) -> torch.Tensor:
+    """Decoded samples (frames, channels) -> the checked mono waveform at `target_sr`."""
     if data.shape[0] == 0:
-        raise _fail(path, "audio file contains no samples")
+        raise _fail(source, "audio file contains no samples")
     wav = torch.from_numpy(data).mean(dim=1)
     if not bool(torch.isfinite(wav).all()):
-        raise _fail(path, "audio contains NaN or infinite samples")
+        raise _fail(source, "audio contains NaN or infinite samples")
     if sample_rate != target_sr:
         wav = _resampler(int(sample_rate), target_sr)(wav)
     return wav.contiguous()
