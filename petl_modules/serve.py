@@ -18,10 +18,12 @@ API (JSON; errors are `{"error": "one line"}`):
 - With `--task_folder DIR` only (export folders hold HyperPyYAML, which runs code): `POST /v1/tasks`
   `{"name", "path"}` (a folder inside DIR) and `DELETE /v1/tasks/{name}`.
 
-Dynamic batching: each request's clips wait at most `max_wait_ms` for others (any mix of tasks), then up to
-`max_batch_size` clips run as one mixed batch of the multi-task classifier (`petl_modules.multitask`); decoding
-and resampling run in worker threads, the model in one thread of its own, so neither blocks the server. The
-server keeps no state between requests besides the loaded tasks: replicas behind a load balancer scale it out.
+Dynamic batching: a batch of up to `max_batch_size` clips (one per request and task, any mix of tasks) waits at most
+`max_wait_ms` for more clips, and only while other requests are on their way (a lone request runs at once); it
+runs as one mixed batch of the multi-task classifier (`petl_modules.multitask`). Decoding, resampling and the
+front end (AST's fbank) run in worker threads, the model in one thread of its own, so neither blocks the server.
+Request bodies over `max_upload_mb` are refused without being stored (`UploadLimit`). The server keeps no state
+between requests besides the loaded tasks: replicas behind a load balancer scale it out.
 It binds to the loopback interface by default; serve only exports you trust.
 """
 
@@ -33,6 +35,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -96,6 +99,7 @@ class Batcher:
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
         self.waiting = 0
+        self._arriving = 0
 
     def _start(self) -> asyncio.Queue:
         if self._queue is None:
@@ -114,8 +118,19 @@ class Batcher:
                 by_group[group] = self.classifier.clip_input(wav, task)
         return [by_group[self.classifier.input_group(task)] for task in tasks]
 
-    async def classify(self, inputs: Sequence[torch.Tensor], tasks: Sequence[str]) -> list[torch.Tensor]:
-        """The class probabilities of one clip for each of `tasks` (`inputs`: from `inputs`), once batched."""
+    @contextmanager
+    def arriving(self):
+        """Counts a request from its arrival to its clips' entry in the queue (`submit`): a batch being formed
+        waits for more clips (up to `max_wait_ms`) only while some request is on its way, never for nobody.
+        """
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+
+    def submit(self, inputs: Sequence[torch.Tensor], tasks: Sequence[str]) -> list[asyncio.Future]:
+        """Queue one clip for each of `tasks` (`inputs`: from `inputs`); each future gets its class probabilities."""
         queue = self._start()
         if self.waiting + len(tasks) > self.settings.max_queue:
             raise ServeError(503, f"the queue is full ({self.waiting} clips waiting); retry later")
@@ -125,7 +140,7 @@ class Batcher:
         self.waiting += len(pending)
         for item in pending:
             queue.put_nowait(item)
-        return list(await asyncio.gather(*(item.future for item in pending)))
+        return [item.future for item in pending]
 
     async def run_in_model_thread(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.model_thread, function, *args)
@@ -136,8 +151,11 @@ class Batcher:
             batch = [await queue.get()]
             deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
             while len(batch) < self.settings.max_batch_size:
+                if not queue.empty():
+                    batch.append(queue.get_nowait())
+                    continue
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+                if remaining <= 0 or not self._arriving:
                     break
                 try:
                     batch.append(await asyncio.wait_for(queue.get(), remaining))
@@ -318,14 +336,16 @@ def create_app(classifier: MultiTaskClassifier, settings: ServeSettings | None =
         unknown = [name for name in names if name not in classifier.tasks]
         if unknown or not names:
             raise ServeError(404, f"no task {task!r}; the tasks are {', '.join(classifier.tasks) or 'none'}")
-        limit = int(settings.max_upload_mb * 2**20)
-        data = await file.read(limit + 1)
-        if len(data) > limit:
-            raise ServeError(413, f"the upload is over {settings.max_upload_mb:g} MB")
-        if not data:
-            raise ServeError(400, "the upload is empty")
-        inputs = await asyncio.to_thread(_prepare, batcher, data, settings.max_seconds, names)
-        probabilities = await batcher.classify(inputs, names)
+        with batcher.arriving():
+            limit = int(settings.max_upload_mb * 2**20)
+            data = await file.read(limit + 1)
+            if len(data) > limit:
+                raise ServeError(413, f"the upload is over {settings.max_upload_mb:g} MB")
+            if not data:
+                raise ServeError(400, "the upload is empty")
+            inputs = await asyncio.to_thread(_prepare, batcher, data, settings.max_seconds, names)
+            pending = batcher.submit(inputs, names)
+        probabilities = await asyncio.gather(*pending)
         results = []
         for name, row in zip(names, probabilities):
             classes = classifier.tasks[name].classes

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import numpy as np
@@ -100,6 +101,20 @@ def test_concurrent_requests_of_both_tasks_share_batches(runs):
     ]
     batches = float(metrics.split("petl_batch_size_count ")[1].split()[0])
     assert batches < 12  # some clips of both tasks ran together
+
+
+def test_a_lone_request_never_waits_for_company(runs):
+    """A batch waits up to max_wait_ms only while other requests are on their way: alone, a request runs at once."""
+    app = make_app(runs, max_wait_ms=5000)
+
+    async def scenario(client):
+        await post(client, wav_bytes(), task="lora")  # the first request builds what is built once
+        started = time.perf_counter()
+        answer = await post(client, wav_bytes(), task="all")
+        return answer, time.perf_counter() - started
+
+    answer, seconds = run(app, scenario)
+    assert answer.status_code == 200 and seconds < 2.5
 
 
 @pytest.mark.parametrize(
