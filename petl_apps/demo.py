@@ -2,18 +2,24 @@
 
     python -m petl_apps.demo [--output_folder=demo_output] [--methods=linear,lora,...] [--epochs=N]
 
-Three stages, one progress bar each (the detailed logs go to the run folders):
+Four stages, one progress bar each (the detailed logs go to the run folders):
 
 1. data: the ten Speech Commands command words spoken by eSpeak NG voices in the Speech Commands v2
    layout (`petl_apps/speech.py`), voices disjoint between train, valid and test;
 2. backbone: a small AST pretrained on other words by other voices (`petl_apps/pretrain.py`);
-3. one run of the GSC recipe (`recipes/GSC/train.py`, as a subprocess) per method, including
-   `linear_random_init`, linear probing on the same architecture with random weights.
+3. the words task: one run of the GSC recipe (`recipes/GSC/train.py`, as a subprocess) per method into
+   `<output_folder>/runs/<method>`, including `linear_random_init`, linear probing on the same architecture
+   with random weights;
+4. the accent task: the same clips labelled with their speaker's accent (`accent_csv`), one run of the
+   AudioFolder recipe with `ACCENT_METHOD` into `<output_folder>/accent_runs/<method>`, on the same backbone
+   and AST input as the words runs, so that one multi-task server runs both (`make serve`,
+   `petl_apps/demo_serve.py`).
 
-It prints the table (also in `<output_folder>/demo_results.md` and `demo_results.json`) and writes the
-`report` command's output to `<output_folder>/report/`. Everything is cached: data and backbone are
-reused when their settings match, a method whose run folder holds `results.json` and `demo_run.json`
-is not run again. A small synthetic demo: the real benchmark's commands are printed at the end.
+It prints the words table (also in `<output_folder>/demo_results.md` and `demo_results.json`) and the accent
+result (also in `demo_results.md` and `demo_accent.json`), and writes the `report` command's output for the
+words runs to `<output_folder>/report/`. Everything is cached: data and backbone are reused when their settings
+match, a run whose folder holds `results.json` and `demo_run.json` is not run again. A small synthetic demo:
+the real benchmark's commands are printed at the end.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,7 +40,15 @@ from tqdm import tqdm
 
 from petl_apps.commands import RecipesNotFoundError, method_hparams, recipe_command, recipes_folder
 from petl_apps.pretrain import INFO, PretrainSettings, is_complete, pretrain
-from petl_apps.speech import GSC_COMMAND_WORDS, STAMP, SpeechSynthesisError, make_spoken_gsc, speaker_splits
+from petl_apps.speech import (
+    GSC_COMMAND_WORDS,
+    STAMP,
+    SpeechSynthesisError,
+    accent,
+    file_stem,
+    make_spoken_gsc,
+    speaker_splits,
+)
 from petl_modules.atomic import write_json_atomic, write_text_atomic
 
 DEFAULT_METHODS = ("linear_random_init", "linear", "full_ft", "lora", "conformer_adapter", "soft_moa")
@@ -48,6 +63,13 @@ BATCH_SIZE = 32
 # random-weights control most (a probe on the demo's vectors, valid/test: 0.19/0.21 at 1e-3, 0.37/0.27 at 0.03;
 # pretrained 0.73/0.69 and 0.73/0.76). Both probes get 0.03.
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {"linear": ("--lr=0.03",), "linear_random_init": ("--lr=0.03",)}
+# The accent task: one PETL method (its file's settings), the words runs' AST input (recipes/GSC/hparams/gsc.yaml's
+# target_length; the AudioFolder recipe's default, 1024, would put it in another input group of the server).
+ACCENT_METHOD = "lora"
+ACCENT_CSV = "accents.csv"  # in <output_folder>/data, beside the data root its paths lead into
+ACCENT_RESULTS = "demo_accent.json"
+TARGET_LENGTH = 100
+SPLITS = ("train", "valid", "test")
 RUN_INFO = "demo_run.json"
 RESULT_KEYS = ("method", "trainable_params", "trainable_percent", "valid_accuracy", "test_accuracy", "train_seconds")
 
@@ -74,6 +96,15 @@ class DemoPaths:
     def runs(self) -> Path:
         return self.output / "runs"
 
+    @property
+    def accent_runs(self) -> Path:
+        """The accent task's runs: apart from `runs`, whose report is the words task's methods only."""
+        return self.output / "accent_runs"
+
+    @property
+    def accent_csv(self) -> Path:
+        return self.data / ACCENT_CSV
+
     def feature_cache(self, data_root: Path) -> Path:
         """One cache per (data, backbone): regenerated data or a new backbone never read stale features."""
         return self.output / "feature_cache" / inputs_fingerprint(data_root, self.backbone)
@@ -95,20 +126,126 @@ def make_data(paths: DemoPaths, seed: int) -> Path:
     return root
 
 
-def demo_command(method: str, paths: DemoPaths, data_root: Path, epochs: int, recipes: Path | None = None) -> list[str]:
-    """The GSC recipe's command line for `method` on the demo's data and backbone (`recipes`: the recipes folder)."""
-    settings = {
-        "data_folder": data_root,
-        "output_folder": paths.runs / method,
+def _run_settings(paths: DemoPaths, data_root: Path, epochs: int, data: Path, output: Path, **task: object) -> dict:
+    """A recipe's settings on the demo's backbone, feature cache and training budget; `task`: the recipe's own."""
+    return {
+        "data_folder": data,
+        "output_folder": output,
         "backbone_source": paths.backbone,
         "feature_cache_folder": paths.feature_cache(data_root),
-        "num_classes": len(GSC_COMMAND_WORDS),
+        **task,
         "number_of_epochs": epochs,
         "batch_size": BATCH_SIZE,
         "num_workers": 0,
         "device": "cpu",
     }
+
+
+def demo_command(method: str, paths: DemoPaths, data_root: Path, epochs: int, recipes: Path | None = None) -> list[str]:
+    """The GSC recipe's command line for `method` on the demo's data and backbone (`recipes`: the recipes folder)."""
+    settings = _run_settings(
+        paths, data_root, epochs, data_root, paths.runs / method, num_classes=len(GSC_COMMAND_WORDS)
+    )
     return recipe_command("GSC", method, settings, "--noprogressbar", *METHOD_OPTIONS.get(method, ()), recipes=recipes)
+
+
+def accent_command(paths: DemoPaths, data_root: Path, epochs: int, recipes: Path | None = None) -> list[str]:
+    """The AudioFolder recipe's command line for the accent task (`accent_csv`) with `ACCENT_METHOD`.
+
+    Same backbone, feature cache (the same files, so the same features) and AST input (`TARGET_LENGTH`) as the
+    words runs: the two tasks form one input group of `petl_modules.multitask.MultiTaskClassifier`.
+    """
+    output = paths.accent_runs / ACCENT_METHOD
+    settings = _run_settings(
+        paths, data_root, epochs, paths.data, output, csv_file=ACCENT_CSV, target_length=TARGET_LENGTH
+    )
+    return recipe_command("AudioFolder", ACCENT_METHOD, settings, "--noprogressbar", recipes=recipes)
+
+
+@dataclass(frozen=True)
+class AccentData:
+    """What `accent_csv` wrote: the classes kept and the accents left out (speakers per split)."""
+
+    classes: list[str]
+    left_out: dict[str, dict[str, int]]
+    clips: dict[str, Counter]  # split -> accent -> clips
+
+
+def accent_csv(paths: DemoPaths, data_root: Path) -> AccentData:
+    """Stage 4's data: the words task's clips labelled with their speaker's accent, as an AudioFolder CSV.
+
+    Reads the speakers per split from the data root's `dataset.json` and names their files with `file_stem`, so
+    no clip is synthesised again and the words task's data is untouched. Speakers stay disjoint between splits:
+    test accuracy is on unseen speakers. The AudioFolder recipe refuses a valid or test class without training
+    items, so only the accents with speakers in all three splits are kept (a class of train only would never be
+    scored); the others' clips are left out of every split and listed in `left_out`. The CSV's paths are
+    relative to its folder, the data root's parent (`<output_folder>/data`). Written only when it changes.
+    """
+    settings = json.loads((data_root / STAMP).read_text())
+    speakers = {split: settings["speakers"][split] for split in SPLITS}
+    per_split = [{accent(speaker) for speaker in speakers[split]} for split in SPLITS]
+    classes = sorted(set.intersection(*per_split))
+    if len(classes) < 2:
+        raise DemoError(
+            f"accent task: {len(classes)} accent(s) have speakers in train, valid and test of {data_root / STAMP}; "
+            "raise SPEAKERS or change --seed"
+        )
+    rows, clips = ["path,label,split"], {split: Counter() for split in SPLITS}
+    for split in SPLITS:
+        for speaker in speakers[split]:
+            label = accent(speaker)
+            if label not in classes:
+                continue
+            for word in settings["words"]:
+                for index in range(settings["clips_per_speaker"][split]):
+                    rows.append(f"{data_root.name}/{word}/{file_stem(speaker, index)}.wav,{label},{split}")
+                    clips[split][label] += 1
+    text = "\n".join(rows) + "\n"
+    if not paths.accent_csv.is_file() or paths.accent_csv.read_text(encoding="utf-8") != text:
+        write_text_atomic(paths.accent_csv, text)
+    left_out: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        for label in sorted(set(map(accent, speakers[split])) - set(classes)):
+            left_out.setdefault(label, {})[split] = sum(accent(speaker) == label for speaker in speakers[split])
+    return AccentData(classes, dict(sorted(left_out.items())), clips)
+
+
+def accent_result(paths: DemoPaths, data: AccentData) -> dict:
+    """`demo_accent.json`: the accent run's row (`RESULT_KEYS`, as in `demo_results.json`) and its task's data.
+
+    Besides the row: `task`, `recipe`, `classes`, `clips` per split, `left_out` (accent -> split -> speakers) and
+    `majority_test_accuracy`, what always answering the most frequent test class scores (the classes are not
+    balanced).
+    """
+    row = collect_results(paths.accent_runs, [ACCENT_METHOD])[0]
+    test = data.clips["test"]
+    return {
+        "task": "accent",
+        "recipe": "AudioFolder",
+        **row,
+        "classes": data.classes,
+        "clips": {split: sum(data.clips[split].values()) for split in SPLITS},
+        "left_out": data.left_out,
+        "majority_test_accuracy": round(max(test.values()) / sum(test.values()), 4),
+    }
+
+
+def describe_accent(result: dict) -> str:
+    """What the accent row measures, stated plainly above it."""
+    left_out = "; ".join(
+        f"{label} ({', '.join(f'{count} {split}' for split, count in splits.items())})"
+        for label, splits in result["left_out"].items()
+    )
+    return (
+        "Second task, the speaker's accent: the same clips labelled with their speaker's eSpeak NG English voice, "
+        f"the AudioFolder recipe with {result['method']} on the same backbone and input "
+        f"({len(result['classes'])} classes: {', '.join(result['classes'])}; "
+        f"{result['clips']['train']} train, {result['clips']['valid']} valid, {result['clips']['test']} test clips). "
+        f"Accents without speakers in every split are left out (speakers per split): {left_out or 'none'}. "
+        "Test speakers are unseen in training; a uniform guess scores "
+        f"{1 / len(result['classes']):.3f}, always answering the most frequent test class "
+        f"{result['majority_test_accuracy']:.3f}."
+    )
 
 
 def _epochs_logged(train_log: Path) -> int:
@@ -117,17 +254,14 @@ def _epochs_logged(train_log: Path) -> int:
     return sum(line.startswith("epoch:") for line in train_log.read_text().splitlines())
 
 
-def run_method(method: str, paths: DemoPaths, data_root: Path, epochs: int, recipes: Path | None = None) -> dict:
-    """Stage 3, one method: the recipe in a subprocess (log in the run folder), or its finished run.
+def run_recipe(method: str, command: list[str], folder: Path, epochs: int, inputs: str, name: str = "") -> dict:
+    """One recipe run in a subprocess (log in `folder`), or its finished run; `name` labels its progress bar.
 
-    A run is reused when it finished with the same command line on the same data and backbone; any other
-    run folder of the method is removed first (the recipe would resume it).
+    A run is reused when it finished with the same command line on the same inputs (`inputs_fingerprint`); any
+    other run folder there is removed first (the recipe would resume it).
     """
-    folder = paths.runs / method
     info_file = folder / RUN_INFO
-    command = demo_command(method, paths, data_root, epochs, recipes)
-    inputs = inputs_fingerprint(data_root, paths.backbone)
-    with tqdm(total=epochs, desc=method, unit="epoch") as bar:
+    with tqdm(total=epochs, desc=name or method, unit="epoch") as bar:
         if info_file.is_file() and (folder / "results.json").is_file():
             info = json.loads(info_file.read_text())
             if info.get("command") == command[1:] and info.get("inputs") == inputs:
@@ -147,11 +281,29 @@ def run_method(method: str, paths: DemoPaths, data_root: Path, epochs: int, reci
         seconds = time.perf_counter() - start
         if process.returncode != 0:
             last = [line for line in log.read_text().splitlines() if line.strip()][-1:] or ["(no output)"]
-            raise DemoError(f"{method}: the GSC recipe failed ({last[0].strip()}); full log: {log}")
+            recipe = Path(command[1]).parent.name
+            raise DemoError(f"{name or method}: the {recipe} recipe failed ({last[0].strip()}); full log: {log}")
         bar.update(epochs - bar.n)
     info = {"method": method, "train_seconds": round(seconds, 1), "command": command[1:], "inputs": inputs}
     write_json_atomic(info_file, info)
     return info
+
+
+def run_method(method: str, paths: DemoPaths, data_root: Path, epochs: int, recipes: Path | None = None) -> dict:
+    """Stage 3, one method of the words task (`demo_command`), run or reused by `run_recipe`."""
+    command = demo_command(method, paths, data_root, epochs, recipes)
+    return run_recipe(method, command, paths.runs / method, epochs, inputs_fingerprint(data_root, paths.backbone))
+
+
+def run_accent(paths: DemoPaths, data_root: Path, epochs: int, recipes: Path | None = None) -> dict:
+    """Stage 4: the accent task's run (`accent_command`) on the CSV `accent_csv` wrote, run or reused by
+    `run_recipe`. Its inputs: the words task's and the CSV's bytes (a new labelling rule is a new run).
+    """
+    command = accent_command(paths, data_root, epochs, recipes)
+    folder = paths.accent_runs / ACCENT_METHOD
+    labels = hashlib.sha256(paths.accent_csv.read_bytes()).hexdigest()[:16]
+    inputs = f"{inputs_fingerprint(data_root, paths.backbone)}-{labels}"
+    return run_recipe(ACCENT_METHOD, command, folder, epochs, inputs, name=f"accent {ACCENT_METHOD}")
 
 
 def collect_results(runs: Path, methods: list[str]) -> list[dict]:
@@ -249,16 +401,27 @@ def main(argv: list[str] | None = None) -> int:
         pretrain(paths.backbone, settings)
         for method in methods:
             run_method(method, paths, data_root, args.epochs, recipes)
+        accents = accent_csv(paths, data_root)
+        run_accent(paths, data_root, args.epochs, recipes)
     except (DemoError, SpeechSynthesisError) as error:
         print(f"demo: error: {error}", file=sys.stderr)
         return 1
     rows = collect_results(paths.runs, methods)
     write_json_atomic(paths.output / "demo_results.json", rows)
-    text = f"{describe(paths.backbone, data_root, args.epochs)}\n\n{results_table(rows)}\n"
+    accent_row = accent_result(paths, accents)
+    write_json_atomic(paths.output / ACCENT_RESULTS, accent_row)
+    text = (
+        f"{describe(paths.backbone, data_root, args.epochs)}\n\n{results_table(rows)}\n\n"
+        f"{describe_accent(accent_row)}\n\n{results_table([accent_row])}\n"
+    )
     write_text_atomic(paths.output / "demo_results.md", text)
     print(f"\n{text}")
     report = write_report(paths.runs, paths.output / "report")
-    print(f"Runs and logs: {paths.runs}; report and plot: {report}\n\n{REAL_BENCHMARK}")
+    print(
+        f"Runs and logs: {paths.runs} (accent: {paths.accent_runs}); report and plot: {report}\n"
+        "Both tasks on one server: make serve (python -m petl_apps.demo_serve)\n\n"
+        f"{REAL_BENCHMARK}"
+    )
     return 0
 
 

@@ -267,6 +267,14 @@ def synthesize_clips(
                 yield w, spoken_clip(word, speaker, index, seed, noises)
 
 
+def accent(speaker: str) -> str:
+    """A speaker's accent: its English voice, one of `ENGLISH_VOICES` (`en-gb-scotland+f2` -> `en-gb-scotland`)."""
+    voice = speaker.split("+", 1)[0]
+    if voice not in ENGLISH_VOICES:
+        raise ValueError(f"speaker {speaker!r}: its voice {voice!r} is not one of ENGLISH_VOICES")
+    return voice
+
+
 def file_stem(speaker: str, index: int) -> str:
     """Speech Commands' file name: `<speaker hash>_nohash_<index>` (the hash is a stable 8 hex digits)."""
     return f"{hashlib.sha1(speaker.encode()).hexdigest()[:8]}_nohash_{index}"
