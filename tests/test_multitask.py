@@ -127,6 +127,28 @@ def test_mixed_batch_scores_each_clip_as_its_tasks_own_classifier(exports, tasks
     assert other.shape != mixed[0].shape or not torch.allclose(other, mixed[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("tasks", [AST_TASKS, WAV2VEC2_TASKS], ids=["ast", "wav2vec2"])
+def test_inputs_computed_ahead_score_as_each_tasks_own_classifier(exports, tasks):
+    """The server's path: each clip's `clip_input` computed alone (features for AST, the waveform for Wav2Vec2),
+    then batched per input group by the server's batcher."""
+    from petl_modules.serve import Batcher, ServeSettings, _Pending
+
+    classifier = MultiTaskClassifier()
+    for name in tasks:
+        classifier.add_task(name, exports[name])
+    names = [name for name in tasks for _ in range(2)]
+    random.Random(1).shuffle(names)
+    wavs, lens = clips(len(names), seed=1)
+    waveforms = [wav[: round(float(length) * wavs.shape[1])] for wav, length in zip(wavs, lens)]
+    batch = [
+        _Pending(classifier.clip_input(wav, name), name, classifier.input_group(name), None)
+        for wav, name in zip(waveforms, names)
+    ]
+    scored = Batcher(classifier, ServeSettings(), metrics=None)._score(batch)
+    for row, (wav, name) in enumerate(zip(waveforms, names)):
+        torch.testing.assert_close(scored[row], alone(exports[name], wav), rtol=0, atol=1e-5, msg=f"row {row}")
+
+
 def test_one_backbone_holds_the_tasks(exports):
     classifier = MultiTaskClassifier()
     for name in ("lora", "houlsby", "longer_input"):
