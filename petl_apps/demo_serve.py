@@ -8,7 +8,8 @@ After `make demo` (`petl_apps/demo.py`), it serves two tasks trained on the demo
   `demo_results.json`, those that keep the pretrained backbone as it is (not `full_ft`, which trains it and cannot
   share it, nor `linear_random_init`, which replaces its weights with random ones), the best valid accuracy; ties
   go to fewer trainable parameters, then to the method name;
-- `accent`: the speaker's accent, the demo's accent run (`accent_runs/<ACCENT_METHOD>`).
+- `noise`: the background noise of a clip (none, white, pink or brown noise, mains hum), the demo's noise run
+  (`noise_runs/<NOISE_METHOD>`).
 
 It prints which runs it serves, then the server prints the page's address. Every option other than
 `--output_folder` goes to `python -m petl_modules.serve` as given (`--port`, `--host`, `--device`, ...). Without
@@ -22,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from petl_apps.demo import ACCENT_METHOD, DemoPaths
+from petl_apps.demo import NOISE_METHOD, DemoPaths
 from petl_modules import serve
 
 # Words runs the server cannot run on the demo's backbone, and why.
@@ -57,9 +58,9 @@ def words_run(paths: DemoPaths) -> tuple[Path, dict]:
     return _run_folder(paths.runs / best["method"], "words"), best
 
 
-def accent_run(paths: DemoPaths) -> Path:
-    """The accent task's run."""
-    return _run_folder(paths.accent_runs / ACCENT_METHOD, "accent")
+def noise_run(paths: DemoPaths) -> Path:
+    """The noise task's run."""
+    return _run_folder(paths.noise_runs / NOISE_METHOD, "noise")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     paths = DemoPaths(Path(args.output_folder).resolve())
     try:
         words, row = words_run(paths)
-        accent = accent_run(paths)
+        noise = noise_run(paths)
     except DemoNotRunError as error:
         print(f"serve: {error}", file=sys.stderr)
         return 1
     print(f"words: {words} ({row['method']}, valid accuracy {row['valid_accuracy']:.3f})", flush=True)
-    print(f"accent: {accent} ({ACCENT_METHOD})", flush=True)
-    serve.main(["--task", f"words={words}", "--task", f"accent={accent}", *serve_options])
+    print(f"noise: {noise} ({NOISE_METHOD})", flush=True)
+    serve.main(["--task", f"words={words}", "--task", f"noise={noise}", *serve_options])
     return 0
 
 

@@ -4,7 +4,8 @@ The demo's data: the ten Speech Commands command words in the Speech Commands v2
 (`make_spoken_gsc`), and other words for pretraining (`synthesize_clips`). A *speaker* is an English
 eSpeak NG voice with a voice variant (`en-us+m3`, `en-gb-scotland+f2`, ...); every clip also draws its
 speaking rate, pitch, pitch range, loudness, background noise (SNR) and, when `TIME_SHIFT` > 0, its
-position in the 1 s clip (centred by default).
+position in the 1 s clip (centred by default). `clip_draws` gives a clip's draws without synthesising it
+(`background_noise`: the demo's second task's label).
 
 Invariants:
 - Deterministic: the synthesizer is reset before each speaker, so a speaker's clips depend only on
@@ -25,6 +26,7 @@ import os
 import shutil
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -71,6 +73,7 @@ ENGLISH_VOICES = (
 )
 SPEAKER_SPLITS = {"test": 0.125, "valid": 0.125, "train": 0.25, "pretrain": 0.5}  # fractions of the pool
 NOISE_SECONDS = 10
+NOISE_NAMES = ("white_noise", "pink_noise", "brown_noise", "mains_hum")  # `background_noises`, in order
 # Per-clip draws (uniform): speaking rate (words per minute), pitch and pitch range (0-100), peak level,
 # signal-to-noise ratio in dB, and how often noise is mixed in.
 # Moderate on purpose: a transformer trained from scratch on a CPU in minutes must still learn from them.
@@ -213,44 +216,87 @@ def _coloured_noise(rng: np.random.Generator, samples: int, exponent: float) -> 
 
 
 def background_noises(seed: int = 0, seconds: int = NOISE_SECONDS) -> dict[str, np.ndarray]:
-    """The `_background_noise_` sounds: white, pink and brown noise, and a mains hum with harmonics."""
+    """The `_background_noise_` sounds (`NOISE_NAMES`, in order): white, pink and brown noise, a mains hum."""
     rng = np.random.default_rng([seed, 1])
     samples = seconds * SAMPLE_RATE
     t = np.arange(samples) / SAMPLE_RATE
     hum = sum(np.sin(2 * np.pi * 50 * k * t + rng.uniform(0, 2 * np.pi)) / k for k in range(1, 8))
     hum = hum + 0.1 * rng.standard_normal(samples)
-    return {
-        "white_noise": _coloured_noise(rng, samples, 0.0),
-        "pink_noise": _coloured_noise(rng, samples, 1.0),
-        "brown_noise": _coloured_noise(rng, samples, 2.0),
-        "mains_hum": (0.5 * hum / np.abs(hum).max()).astype(np.float32),
-    }
+    sounds = (
+        _coloured_noise(rng, samples, 0.0),
+        _coloured_noise(rng, samples, 1.0),
+        _coloured_noise(rng, samples, 2.0),
+        (0.5 * hum / np.abs(hum).max()).astype(np.float32),
+    )
+    return dict(zip(NOISE_NAMES, sounds, strict=True))
+
+
+@dataclass(frozen=True)
+class ClipDraws:
+    """A clip's random draws (`clip_draws`), in the order `spoken_clip` uses them.
+
+    `shift` is in [0, 1) (the word's offset: `TIME_SHIFT`); `noise` is the index of the background noise mixed
+    in, or None for a clean clip, in which case `noise_start` and `snr_db` are None too.
+    """
+
+    rate: int
+    pitch: int
+    pitch_range: int
+    synthesizer_seed: int
+    shift: float
+    peak: float
+    noise: int | None
+    noise_start: int | None
+    snr_db: float | None
+
+
+def clip_draws(
+    word: str,
+    speaker: str,
+    index: int,
+    seed: int,
+    noise_lengths: Sequence[int] = (NOISE_SECONDS * SAMPLE_RATE,) * len(NOISE_NAMES),
+) -> ClipDraws:
+    """The random draws of `spoken_clip(word, speaker, index, seed, noises)`, without synthesising anything.
+
+    They depend only on (seed, word, speaker, index) and the noises' lengths in samples (`noise_lengths`; the
+    default: `background_noises()`'s, as in the data sets). `spoken_clip` itself makes its clip from them.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(word.encode()), zlib.crc32(speaker.encode()), index])
+    rate, pitch, pitch_range = int(rng.integers(*RATE)), int(rng.integers(*PITCH)), int(rng.integers(*PITCH_RANGE))
+    synthesizer_seed, shift, peak = int(rng.integers(2**31)), float(rng.random()), float(rng.uniform(*PEAK))
+    noise = noise_start = snr_db = None
+    if rng.random() < NOISE_PROBABILITY:
+        noise = int(rng.integers(len(noise_lengths)))
+        noise_start = int(rng.integers(0, noise_lengths[noise] - CLIP_SAMPLES + 1))
+        snr_db = float(rng.uniform(*SNR_DB))
+    return ClipDraws(rate, pitch, pitch_range, synthesizer_seed, shift, peak, noise, noise_start, snr_db)
+
+
+def background_noise(word: str, speaker: str, index: int, seed: int) -> str:
+    """The background noise of the data sets' clip (`make_spoken_gsc`): one of `NOISE_NAMES`, or "none"."""
+    noise = clip_draws(word, speaker, index, seed).noise
+    return "none" if noise is None else NOISE_NAMES[noise]
 
 
 def spoken_clip(word: str, speaker: str, index: int, seed: int, noises: Sequence[np.ndarray]) -> np.ndarray:
     """One 1 s clip of `word` by `speaker`: random rate, pitch, loudness, noise (`SNR_DB`), time shift.
 
-    The random draws depend only on (seed, word, speaker, index); the voice also on the synthesizer's state.
+    The random draws (`clip_draws`) depend only on (seed, word, speaker, index); the voice also on the
+    synthesizer's state.
     """
-    rng = np.random.default_rng([seed, zlib.crc32(word.encode()), zlib.crc32(speaker.encode()), index])
+    draws = clip_draws(word, speaker, index, seed, [len(noise) for noise in noises])
     speech = synthesize(
-        word,
-        speaker,
-        rate=int(rng.integers(*RATE)),
-        pitch=int(rng.integers(*PITCH)),
-        pitch_range=int(rng.integers(*PITCH_RANGE)),
-        seed=int(rng.integers(2**31)),
+        word, speaker, rate=draws.rate, pitch=draws.pitch, pitch_range=draws.pitch_range, seed=draws.synthesizer_seed
     )[:CLIP_SAMPLES]
     clip = np.zeros(CLIP_SAMPLES, np.float32)
     free = CLIP_SAMPLES - len(speech)
-    offset = free // 2 + int(round(TIME_SHIFT * free * (rng.random() - 0.5)))
-    clip[offset : offset + len(speech)] = speech * (rng.uniform(*PEAK) / max(np.abs(speech).max(), 1e-6))
-    if rng.random() < NOISE_PROBABILITY:
-        noise = noises[int(rng.integers(len(noises)))]
-        start = int(rng.integers(0, len(noise) - CLIP_SAMPLES + 1))
-        segment = noise[start : start + CLIP_SAMPLES]
+    offset = free // 2 + int(round(TIME_SHIFT * free * (draws.shift - 0.5)))
+    clip[offset : offset + len(speech)] = speech * (draws.peak / max(np.abs(speech).max(), 1e-6))
+    if draws.noise is not None:
+        segment = noises[draws.noise][draws.noise_start : draws.noise_start + CLIP_SAMPLES]
         speech_power = float(np.mean(clip[offset : offset + len(speech)] ** 2)) if len(speech) else 0.0
-        gain = np.sqrt(speech_power / max(float(np.mean(segment**2)), 1e-12) / 10 ** (rng.uniform(*SNR_DB) / 10))
+        gain = np.sqrt(speech_power / max(float(np.mean(segment**2)), 1e-12) / 10 ** (draws.snr_db / 10))
         clip = clip + gain * segment
     return np.clip(clip, -1.0, 1.0).astype(np.float32)
 
@@ -265,14 +311,6 @@ def synthesize_clips(
         for w, word in enumerate(words):
             for index in range(clips_per_speaker):
                 yield w, spoken_clip(word, speaker, index, seed, noises)
-
-
-def accent(speaker: str) -> str:
-    """A speaker's accent: its English voice, one of `ENGLISH_VOICES` (`en-gb-scotland+f2` -> `en-gb-scotland`)."""
-    voice = speaker.split("+", 1)[0]
-    if voice not in ENGLISH_VOICES:
-        raise ValueError(f"speaker {speaker!r}: its voice {voice!r} is not one of ENGLISH_VOICES")
-    return voice
 
 
 def file_stem(speaker: str, index: int) -> str:

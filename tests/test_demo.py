@@ -1,4 +1,4 @@
-"""The quick-start demo: its table and demo_results.json from recorded runs, the accent task's CSV, and one
+"""The quick-start demo: its table and demo_results.json from recorded runs, the noise task's CSV, and one
 small end-to-end run of both tasks, then served by one multi-task classifier."""
 
 from __future__ import annotations
@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections import Counter
 
 import pytest
 import soundfile as sf
 import torch
+from heard_noise import heard_noise
 from transformers import ASTModel
 
 from petl_apps import demo, demo_serve
@@ -71,18 +73,26 @@ def test_an_unknown_method_is_named_before_any_work(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-# The smallest speaker counts whose first speakers share accents between the three splits: with seed 113, the
-# 2 train speakers' accents (en-gb-x-rp, en-us) both have speakers among the first 3 of valid and of test,
-# which also hold accents the train speakers lack (left out).
-SMALL_SEED = 113
+# Small speaker counts (80 clips) whose noises exercise every branch of `noise_csv`: with seed 3, the 20 train
+# clips hold no white noise, which the valid and test clips hold (6 each: left out). Found in the clips' samples
+# by `test_the_noise_csv_labels_the_words_clips_with_the_noise_they_hold`.
+SMALL_SEED = 3
 SMALL_SPEAKERS = {"train": 2, "valid": 3, "test": 3}
 SMALL_CLIPS = {"train": 1, "valid": 1, "test": 1}
+SMALL_CLASSES = ["brown_noise", "mains_hum", "none", "pink_noise"]
+# The demo's own data (seed 0, `SPEAKERS`, `CLIPS_PER_SPEAKER`): the noise of each of its 800 clips, found in the
+# samples of a full run's files (python -m petl_apps.demo --output_folder=/tmp/demo_full) by `heard_noise`.
+DEMO_NOISES = {
+    "train": {"brown_noise": 45, "mains_hum": 59, "none": 211, "pink_noise": 44, "white_noise": 41},
+    "valid": {"brown_noise": 7, "mains_hum": 9, "none": 53, "pink_noise": 13, "white_noise": 18},
+    "test": {"brown_noise": 38, "mains_hum": 36, "none": 135, "pink_noise": 53, "white_noise": 38},
+}
 
 
-def write_stamp(data_root, speakers, clips):
-    """A data root's `dataset.json` as `make_spoken_gsc` writes it (the keys `accent_csv` reads)."""
+def write_stamp(data_root, speakers, clips, seed):
+    """A data root's `dataset.json` as `make_spoken_gsc` writes it (the keys `noise_csv` reads)."""
     data_root.mkdir(parents=True)
-    settings = {"words": list(GSC_COMMAND_WORDS), "speakers": speakers, "clips_per_speaker": clips}
+    settings = {"words": list(GSC_COMMAND_WORDS), "speakers": speakers, "clips_per_speaker": clips, "seed": seed}
     (data_root / "dataset.json").write_text(json.dumps(settings))
 
 
@@ -91,56 +101,62 @@ def read_rows(csv_file):
         return list(csv.DictReader(handle))
 
 
-def test_the_accent_task_keeps_the_accents_of_every_split_on_the_demos_speakers(tmp_path):
-    """The demo's own speakers (seed 0, `SPEAKERS`): 6 of the 8 accents have speakers in train, valid and test
-    (counted once from `speaker_splits(0)` with a Counter of the voices); the other two's valid and test clips are
-    left out."""
+def test_the_noise_task_labels_every_clip_of_the_demos_speakers(tmp_path):
+    """The demo's own speakers: every clip once, in its speaker's split, five classes, none left out, and per split
+    the noises heard in a full run's clips (`DEMO_NOISES`); no clip is synthesised (a stamp alone)."""
     splits = speaker_splits(0)
     speakers = {split: splits[split][:count] for split, count in demo.SPEAKERS.items()}
     paths = demo.DemoPaths(tmp_path)
-    write_stamp(paths.data / "speech_commands_v0.02", speakers, demo.CLIPS_PER_SPEAKER)
-    accents = demo.accent_csv(paths, paths.data / "speech_commands_v0.02")
-    expected = ["en", "en-029", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-us"]
-    assert accents.classes == expected
-    assert accents.left_out == {"en-gb-x-gbcwmd": {"valid": 2, "test": 3}, "en-us-nyc": {"test": 5}}
-    rows = read_rows(paths.data / "accents.csv")
-    counts = {split: sum(row["split"] == split for row in rows) for split in ("train", "valid", "test")}
-    assert counts == {"train": 20 * 2 * 10, "valid": (10 - 2) * 10, "test": (30 - 3 - 5) * 10}
-    assert {row["label"] for row in rows} == set(expected)
+    write_stamp(paths.data / "speech_commands_v0.02", speakers, demo.CLIPS_PER_SPEAKER, 0)
+    noises = demo.noise_csv(paths, paths.data / "speech_commands_v0.02")
+    assert noises.classes == ["brown_noise", "mains_hum", "none", "pink_noise", "white_noise"]
+    assert noises.left_out == {}
+    assert {split: dict(sorted(counts.items())) for split, counts in noises.clips.items()} == DEMO_NOISES
+    rows = read_rows(paths.data / "noise.csv")
+    counts = {split: Counter(row["label"] for row in rows if row["split"] == split) for split in DEMO_NOISES}
+    assert counts == DEMO_NOISES and len({row["path"] for row in rows}) == 20 * 2 * 10 + 10 * 10 + 30 * 10
+    expected_paths = {
+        f"speech_commands_v0.02/{word}/{hashlib.sha1(speaker.encode()).hexdigest()[:8]}_nohash_{index}.wav"
+        for split in DEMO_NOISES
+        for speaker in speakers[split]
+        for word in GSC_COMMAND_WORDS
+        for index in range(demo.CLIPS_PER_SPEAKER[split])
+    }
+    assert {row["path"] for row in rows} == expected_paths
 
 
-def test_the_accent_csv_labels_the_words_clips_with_their_speakers_voices(tmp_path, monkeypatch):
+def test_the_noise_csv_labels_the_words_clips_with_the_noise_they_hold(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "SPEAKERS", SMALL_SPEAKERS)
     monkeypatch.setattr(demo, "CLIPS_PER_SPEAKER", SMALL_CLIPS)
     paths = demo.DemoPaths(tmp_path)
     data_root = demo.make_data(paths, SMALL_SEED)
-    accents = demo.accent_csv(paths, data_root)
+    noises = demo.noise_csv(paths, data_root)
     speakers = json.loads((data_root / "dataset.json").read_text())["speakers"]
     by_stem = {  # Speech Commands' file names: the speaker's SHA-1, its first 8 hex digits
-        hashlib.sha1(speaker.encode()).hexdigest()[:8]: (speaker, split)
-        for split, names in speakers.items()
-        for speaker in names
+        hashlib.sha1(speaker.encode()).hexdigest()[:8]: split for split, names in speakers.items() for speaker in names
     }
-    rows = read_rows(tmp_path / "data" / "accents.csv")
+    sounds = {path.stem: sf.read(path)[0] for path in sorted((data_root / "_background_noise_").glob("*.wav"))}
+    heard = {}  # every word clip of the data -> (split, the noise in its samples)
+    for path in data_root.glob("[a-z]*/*.wav"):
+        split = by_stem[path.name.split("_")[0]]
+        heard[str(path.relative_to(data_root.parent))] = (split, heard_noise(sf.read(path)[0], sounds)[0])
+    assert len(heard) == sum(SMALL_SPEAKERS.values()) * len(GSC_COMMAND_WORDS)
+    trained = sorted({noise for split, noise in heard.values() if split == "train"})
+    assert noises.classes == trained == SMALL_CLASSES
+    rows = read_rows(tmp_path / "data" / "noise.csv")
     assert rows and list(rows[0]) == ["path", "label", "split"]
-    for row in rows:
-        assert (tmp_path / "data" / row["path"]).is_file(), row["path"]
-        speaker, split = by_stem[row["path"].split("/")[-1].split("_")[0]]
-        assert (row["label"], row["split"]) == (speaker.split("+")[0], split)
-    labels = {split: {row["label"] for row in rows if row["split"] == split} for split in ("train", "valid", "test")}
-    assert labels["train"] == labels["valid"] == labels["test"] == set(accents.classes) == {"en-gb-x-rp", "en-us"}
-    used = {split: {by_stem[row["path"].split("/")[-1].split("_")[0]][0] for row in rows if row["split"] == split}
-            for split in labels}  # fmt: skip
-    assert not (used["train"] & used["valid"] or used["train"] & used["test"] or used["valid"] & used["test"])
-    # Every clip of every kept speaker, once; the left-out accents' speakers have none.
-    kept = [s for split in speakers for s in speakers[split] if s.split("+")[0] in accents.classes]
-    assert len(rows) == len({row["path"] for row in rows}) == len(kept) * len(GSC_COMMAND_WORDS)
-    assert sum(n for counts in accents.left_out.values() for n in counts.values()) == sum(
-        SMALL_SPEAKERS.values()
-    ) - len(kept)
+    assert {row["path"]: (row["split"], row["label"]) for row in rows} == {
+        path: labels for path, labels in heard.items() if labels[1] in trained
+    }
+    assert len(rows) == len({row["path"] for row in rows})
+    left_out = Counter((noise, split) for split, noise in heard.values() if noise not in trained)
+    assert noises.left_out == {"white_noise": {"valid": 6, "test": 6}} and left_out == {
+        ("white_noise", "valid"): 6,
+        ("white_noise", "test"): 6,
+    }
     # The AudioFolder recipe's own preparation takes it (it refuses a valid or test class without train items).
-    manifests = prepare_audiofolder(tmp_path / "data", tmp_path / "manifests", csv_file="accents.csv")
-    assert (manifests["train"].parent / "classes.txt").read_text().split() == ["en-gb-x-rp", "en-us"]
+    manifests = prepare_audiofolder(tmp_path / "data", tmp_path / "manifests", csv_file="noise.csv")
+    assert (manifests["train"].parent / "classes.txt").read_text().split() == SMALL_CLASSES
 
 
 def test_demo_end_to_end_at_small_size_reuses_everything(tmp_path, monkeypatch, capsys):
@@ -168,21 +184,26 @@ def test_demo_end_to_end_at_small_size_reuses_everything(tmp_path, monkeypatch, 
 
     assert_linear_probed_the_pretrained_weights(tmp_path)
 
-    accent = json.loads((tmp_path / "demo_accent.json").read_text())
-    assert accent["task"] == "accent" and accent["method"] == "lora" == demo.ACCENT_METHOD
-    assert accent["classes"] == ["en-gb-x-rp", "en-us"] and 0.0 <= accent["test_accuracy"] <= 1.0
-    assert {key: accent[key] for key in demo.RESULT_KEYS} == demo.collect_results(tmp_path / "accent_runs", ["lora"])[0]
-    assert "Second task, the speaker's accent" in out and "\n| lora |" in (tmp_path / "demo_results.md").read_text()
+    noise = json.loads((tmp_path / "demo_noise.json").read_text())
+    assert noise["task"] == "noise" and noise["method"] == "lora" == demo.NOISE_METHOD
+    assert noise["classes"] == SMALL_CLASSES and 0.0 <= noise["test_accuracy"] <= 1.0
+    assert {key: noise[key] for key in demo.RESULT_KEYS} == demo.collect_results(tmp_path / "noise_runs", ["lora"])[0]
+    test_labels = Counter(row["label"] for row in read_rows(tmp_path / "data" / "noise.csv") if row["split"] == "test")
+    assert noise["clips"]["test"] == sum(test_labels.values()) == 30 - 6
+    assert noise["majority_test_accuracy"] == round(max(test_labels.values()) / sum(test_labels.values()), 4)
+    assert noise["left_out"] == {"white_noise": {"valid": 6, "test": 6}}
+    md = (tmp_path / "demo_results.md").read_text()
+    assert "Second task, the background noise" in out and "\n| lora |" in md
+    assert f"most frequent test class {noise['majority_test_accuracy']:.3f}" in md
+    assert "a uniform guess scores 0.250" in md and "white_noise (6 valid, 6 test)" in md
     assert not (tmp_path / "runs" / "lora").exists()  # the words task's runs (and report) stay its own
     assert_both_tasks_serve_on_one_backbone(tmp_path, monkeypatch)
 
-    stamps = [(folder / demo.RUN_INFO).stat().st_mtime_ns for folder in (run, tmp_path / "accent_runs" / "lora")]
+    stamps = [(folder / demo.RUN_INFO).stat().st_mtime_ns for folder in (run, tmp_path / "noise_runs" / "lora")]
     assert demo.main(argv) == 0
-    assert [
-        (folder / demo.RUN_INFO).stat().st_mtime_ns for folder in (run, tmp_path / "accent_runs" / "lora")
-    ] == stamps
+    assert [(folder / demo.RUN_INFO).stat().st_mtime_ns for folder in (run, tmp_path / "noise_runs" / "lora")] == stamps
     assert json.loads((tmp_path / "demo_results.json").read_text()) == rows
-    assert json.loads((tmp_path / "demo_accent.json").read_text()) == accent
+    assert json.loads((tmp_path / "demo_noise.json").read_text()) == noise
 
 
 def assert_both_tasks_serve_on_one_backbone(output, monkeypatch):
@@ -190,18 +211,18 @@ def assert_both_tasks_serve_on_one_backbone(output, monkeypatch):
     served = []
     monkeypatch.setattr(serve, "main", served.append)
     assert demo_serve.main([f"--output_folder={output}"]) == 0
-    words, accent = output / "runs" / "linear", output / "accent_runs" / "lora"
-    assert served == [["--task", f"words={words}", "--task", f"accent={accent}"]]
+    words, noise = output / "runs" / "linear", output / "noise_runs" / "lora"
+    assert served == [["--task", f"words={words}", "--task", f"noise={noise}"]]
     classifier = MultiTaskClassifier("cpu")
     classifier.add_task("words", words)
-    classifier.add_task("accent", accent)
+    classifier.add_task("noise", noise)
     assert len(classifier.backbones) == 1  # one backbone forward for a batch mixing both tasks
-    assert classifier.tasks["accent"].classes == ["en-gb-x-rp", "en-us"]
+    assert classifier.tasks["noise"].classes == SMALL_CLASSES
     assert sorted(classifier.tasks["words"].classes) == sorted(GSC_COMMAND_WORDS)
     wav = torch.from_numpy(sf.read(next((output / "data" / "speech_commands_v0.02" / "yes").glob("*.wav")))[0])
     wavs = torch.stack([wav, wav]).float()
-    probabilities = classifier.class_probabilities(wavs, torch.ones(2), ["words", "accent"])
-    assert [tuple(p.shape) for p in probabilities] == [(10,), (2,)]
+    probabilities = classifier.class_probabilities(wavs, torch.ones(2), ["words", "noise"])
+    assert [tuple(p.shape) for p in probabilities] == [(10,), (len(SMALL_CLASSES),)]
     assert all(torch.isclose(p.sum(), torch.tensor(1.0)) for p in probabilities)
 
 

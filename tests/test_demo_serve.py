@@ -18,11 +18,11 @@ def served(monkeypatch):
     return calls
 
 
-def demo_like_output(output, rows, accent=True):
-    """An output folder as the demo leaves it: `demo_results.json`, a run folder per row, the accent run."""
+def demo_like_output(output, rows, noise=True):
+    """An output folder as the demo leaves it: `demo_results.json`, a run folder per row, the noise run."""
     (output / "demo_results.json").parent.mkdir(parents=True, exist_ok=True)
     (output / "demo_results.json").write_text(json.dumps(rows))
-    folders = [output / "runs" / row["method"] for row in rows] + ([output / "accent_runs" / "lora"] if accent else [])
+    folders = [output / "runs" / row["method"] for row in rows] + ([output / "noise_runs" / "lora"] if noise else [])
     for folder in folders:
         folder.mkdir(parents=True)
         (folder / "results.json").write_text("{}")
@@ -49,25 +49,25 @@ def test_without_the_demo_it_says_run_make_demo_first(tmp_path, served, capsys):
     assert served == []
 
 
-def test_it_serves_the_best_shared_words_run_and_the_accent_run(tmp_path, served, capsys):
+def test_it_serves_the_best_shared_words_run_and_the_noise_run(tmp_path, served, capsys):
     demo_like_output(tmp_path, ROWS)
     assert demo_serve.main([f"--output_folder={tmp_path}", "--port", "8123", "--host", "0.0.0.0"]) == 0
-    words, accent = tmp_path / "runs" / "soft_moa", tmp_path / "accent_runs" / "lora"
-    assert served == [["--task", f"words={words}", "--task", f"accent={accent}", "--port", "8123", "--host", "0.0.0.0"]]
+    words, noise = tmp_path / "runs" / "soft_moa", tmp_path / "noise_runs" / "lora"
+    assert served == [["--task", f"words={words}", "--task", f"noise={noise}", "--port", "8123", "--host", "0.0.0.0"]]
     out = capsys.readouterr().out
-    assert f"words: {words} (soft_moa, valid accuracy 0.820)" in out and f"accent: {accent}" in out
+    assert f"words: {words} (soft_moa, valid accuracy 0.820)" in out and f"noise: {noise}" in out
 
 
 @pytest.mark.parametrize(
-    ("rows", "accent", "missing"),
+    ("rows", "noise", "missing"),
     [
-        (ROWS, False, "no accent run in {output}/accent_runs/lora (results.json not found)"),
+        (ROWS, False, "no noise run in {output}/noise_runs/lora (results.json not found)"),
         (ROWS[:2], True, "no words run shares the backbone (only full_ft, linear_random_init)"),
     ],
-    ids=["accent run", "shared words run"],
+    ids=["noise run", "shared words run"],
 )
-def test_a_missing_run_is_named(tmp_path, served, capsys, rows, accent, missing):
-    demo_like_output(tmp_path, rows, accent=accent)
+def test_a_missing_run_is_named(tmp_path, served, capsys, rows, noise, missing):
+    demo_like_output(tmp_path, rows, noise=noise)
     assert demo_serve.main([f"--output_folder={tmp_path}"]) == 1
     err = capsys.readouterr().err
     assert missing.format(output=tmp_path) in err and "run make demo first" in err and served == []

@@ -6,14 +6,17 @@ import hashlib
 import importlib.util
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+from heard_noise import heard_noise
 
 from petl_apps import speech
 from petl_apps.speech import (
+    GSC_COMMAND_WORDS,
     SPEAKER_SPLITS,
     SpeechSynthesisError,
     file_stem,
@@ -130,6 +133,37 @@ def test_generation_is_deterministic_and_reused(tmp_path):
     assert (first / "dataset.json").stat().st_mtime_ns == stamp
     other, _ = tiny_gsc(tmp_path / "a", seed=1)  # other settings: replaced
     assert digest(other) != digest(second)
+
+
+def test_clip_draws_name_the_noise_each_clip_holds():
+    """`clip_draws` and `background_noise` say which noise `spoken_clip` mixed in, and from which sample: checked
+    in the clips' own samples (`heard_noise`: exact silence before a clean word, else the matching noise stretch).
+    """
+    noises = speech.background_noises(0)
+    assert list(noises) == list(speech.NOISE_NAMES)
+    speaker = speaker_splits(0)["train"][0]
+    speech.reset_synthesizer()
+    heard = []
+    for index in range(8):
+        clip = speech.spoken_clip("yes", speaker, index, 0, list(noises.values()))
+        draws = speech.clip_draws("yes", speaker, index, 0)
+        name, start = heard_noise(clip, noises)
+        assert (name, start) == (speech.background_noise("yes", speaker, index, 0), draws.noise_start), index
+        assert (draws.noise is None) == (name == "none") == (draws.snr_db is None)
+        if name == "none":  # nothing added after the word was scaled to its peak
+            assert float(np.abs(clip).max()) == pytest.approx(draws.peak, rel=1e-5)
+        heard.append(name)
+    assert heard.count("none") >= 2 and len(set(heard) - {"none"}) >= 2  # both kinds, several noises
+
+
+def test_about_half_the_clips_hold_a_noise_each_noise_as_often():
+    labels = Counter(
+        speech.background_noise(word, speaker, 0, 0) for word in GSC_COMMAND_WORDS for speaker in speaker_pool()[:200]
+    )
+    assert set(labels) == {"none", *speech.NOISE_NAMES}
+    assert labels["none"] / 2000 == pytest.approx(1 - speech.NOISE_PROBABILITY, abs=0.05)
+    for name in speech.NOISE_NAMES:
+        assert labels[name] / 2000 == pytest.approx(speech.NOISE_PROBABILITY / len(speech.NOISE_NAMES), abs=0.03)
 
 
 def test_importing_the_library_never_needs_espeak():
