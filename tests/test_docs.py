@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-README_MAX_LINES = 230
+README_MAX_LINES = 255  # 230 until serving (make serve, the API, security, scaling out) joined the README
 TOC_HEADINGS = ("contents", "table of contents")
 
 FENCE = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1[^\n]*$", re.MULTILINE | re.DOTALL)
