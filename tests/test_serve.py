@@ -152,6 +152,28 @@ def test_upload_over_the_limit_is_413(runs):
     assert answer.status_code == 413 and answer.json() == {"error": "the upload is over 0.01 MB"}
 
 
+def test_a_body_without_a_length_is_refused_as_it_passes_the_limit(runs):
+    """A chunked upload (no Content-Length) is counted as it arrives: 413, and the server answers after."""
+    app = make_app(runs, max_upload_mb=1)
+    start = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    sent = []
+
+    async def body():
+        for part in (start, *[b"\0" * 2**18] * 16):  # 4 MB in all
+            sent.append(len(part))
+            yield part
+
+    async def scenario(client):
+        headers = {"content-type": "multipart/form-data; boundary=b"}
+        refused = await client.post("/v1/classify", content=body(), headers=headers)
+        return refused, await post(client, wav_bytes(), task="lora")
+
+    refused, good = run(app, scenario)
+    assert refused.status_code == 413 and refused.json() == {"error": "the upload is over 1 MB"}
+    assert sum(sent) < 2 * 2**20  # reading stopped at the limit: the rest was never taken in
+    assert good.status_code == 200
+
+
 def test_a_full_queue_is_503_never_a_hang(runs):
     app = make_app(runs, max_queue=1, max_wait_ms=300)
 

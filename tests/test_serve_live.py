@@ -31,19 +31,29 @@ def runs(tmp_path_factory):
     return {method: trained_run(tmp_path_factory, method) for method in ("lora", "adapter")}
 
 
-def test_the_command_serves_on_the_loopback(runs, tmp_path):
+# Limits for the load below: long queues and batches, uploads up to 20 MB (the default), audio up to 30 s.
+SETTINGS = ("--max_batch_size=32", "--max_wait_ms=5", "--max_queue=10000", "--max_seconds=30")
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    """One server for the module's tests (starting one takes seconds); its log is checked by the last test."""
+    with serving(runs, *SETTINGS, log=tmp_path_factory.mktemp("server") / "server.log") as live:
+        yield live
+
+
+def test_the_command_serves_on_the_loopback(server, tmp_path):
     """/health, a classification and the load client against the command's server."""
-    with serving({"lora": runs["lora"]}, log=tmp_path / "server.log") as server:
-        files = {"file": ("clip.wav", wav_bytes(), "audio/wav")}
-        answer = httpx.post(f"{server.url}/v1/classify", files=files, data={"task": "lora"}, timeout=60)
-        clip = tmp_path / "clip.wav"
-        clip.write_bytes(wav_bytes())
-        load = ["--url", server.url, "--audio", str(clip), "--concurrency", "1,4"]
-        assert serve_load.main([*load, "--requests", "12", "--warmup", "2", "--json", str(tmp_path / "load.json")]) == 0
-        rows = json.loads((tmp_path / "load.json").read_text())["rows"]
-        health = httpx.get(f"{server.url}/health")
-    assert server.banner.startswith(f"serving 1 task(s) on {server.url}/")
-    assert health.json() == {"status": "ok", "tasks": 1}
+    files = {"file": ("clip.wav", wav_bytes(), "audio/wav")}
+    answer = httpx.post(f"{server.url}/v1/classify", files=files, data={"task": "lora"}, timeout=60)
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes())
+    load = ["--url", server.url, "--audio", str(clip), "--concurrency", "1,4"]
+    assert serve_load.main([*load, "--requests", "12", "--warmup", "2", "--json", str(tmp_path / "load.json")]) == 0
+    rows = json.loads((tmp_path / "load.json").read_text())["rows"]
+    health = httpx.get(f"{server.url}/health")
+    assert server.banner.startswith(f"serving 2 task(s) on {server.url}/")
+    assert health.json() == {"status": "ok", "tasks": 2}
     assert answer.status_code == 200 and answer.json()["results"][0]["task"] == "lora"
     assert [(row["concurrency"], row["requests"], row["failed"]) for row in rows] == [(1, 12, 0), (4, 12, 0)]
     assert all(row["requests_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0 for row in rows)
@@ -52,9 +62,8 @@ def test_the_command_serves_on_the_loopback(runs, tmp_path):
 # --- the page ----------------------------------------------------------------------------------------------
 
 
-def test_the_page_loads_nothing_from_elsewhere(runs, tmp_path):
-    with serving({"lora": runs["lora"]}, log=tmp_path / "server.log") as server:
-        page = httpx.get(f"{server.url}/")
+def test_the_page_loads_nothing_from_elsewhere(server):
+    page = httpx.get(f"{server.url}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in page.headers["content-security-policy"]
     assert not re.search(r"https?://|//[a-z]|\bsrc=|@import|url\(", page.text)  # no external or linked asset
@@ -100,7 +109,7 @@ def shown_results(driver) -> dict[str, list[tuple[str, str]]]:
     return shown
 
 
-def test_the_page_in_a_browser_classifies_an_upload_and_a_recording(runs, tmp_path):
+def test_the_page_in_a_browser_classifies_an_upload_and_a_recording(runs, server):
     """Upload a clip with task `all`: every task's top labels as bars, the numbers of `classify --json`; then
     one task and a recording from the (fake) microphone; nothing in the browser's console but our own log."""
     from selenium.webdriver.common.by import By
@@ -113,27 +122,26 @@ def test_the_page_in_a_browser_classifies_an_upload_and_a_recording(runs, tmp_pa
     }
     driver = browser()
     try:
-        with serving(runs, log=tmp_path / "server.log") as server:
-            driver.get(f"{server.url}/")
-            wait = WebDriverWait(driver, 60)
-            wait.until(lambda d: len(Select(d.find_element(By.ID, "task")).options) == 3)
-            summary = driver.find_element(By.ID, "summary").text
-            top_k = driver.find_element(By.ID, "top_k")
-            top_k.clear()
-            top_k.send_keys("3")
-            driver.find_element(By.ID, "file").send_keys(clip)
-            wait.until(lambda d: d.find_element(By.ID, "status").text.endswith(": done"))
-            uploaded = shown_results(driver)
-            widths = [e.get_attribute("style") for e in driver.find_elements(By.CSS_SELECTOR, "#results .fill")]
+        driver.get(f"{server.url}/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "task")).options) == 3)
+        summary = driver.find_element(By.ID, "summary").text
+        top_k = driver.find_element(By.ID, "top_k")
+        top_k.clear()
+        top_k.send_keys("3")
+        driver.find_element(By.ID, "file").send_keys(clip)
+        wait.until(lambda d: d.find_element(By.ID, "status").text.endswith(": done"))
+        uploaded = shown_results(driver)
+        widths = [e.get_attribute("style") for e in driver.find_elements(By.CSS_SELECTOR, "#results .fill")]
 
-            Select(driver.find_element(By.ID, "task")).select_by_value("adapter")
-            driver.find_element(By.ID, "record").click()
-            wait.until(lambda d: d.find_element(By.ID, "record").text == "Stop")
-            time.sleep(1.5)
-            driver.find_element(By.ID, "record").click()
-            wait.until(lambda d: d.find_element(By.ID, "status").text == "recording.wav: done")
-            recorded = shown_results(driver)
-            console = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
+        Select(driver.find_element(By.ID, "task")).select_by_value("adapter")
+        driver.find_element(By.ID, "record").click()
+        wait.until(lambda d: d.find_element(By.ID, "record").text == "Stop")
+        time.sleep(1.5)
+        driver.find_element(By.ID, "record").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text == "recording.wav: done")
+        recorded = shown_results(driver)
+        console = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
     finally:
         driver.quit()
     assert summary == "2 task(s) on one ast backbone"
@@ -161,7 +169,7 @@ async def hang_up_mid_upload(url: str) -> None:
     await writer.wait_closed()
 
 
-def test_thousands_of_requests_with_bad_inputs_and_hang_ups(runs, tmp_path):
+def test_thousands_of_requests_with_bad_inputs_and_hang_ups(runs, server, tmp_path):
     """2,400 requests from 32 concurrent clients on a live server: both tasks and `all`, and one in ten bad
     (0 bytes, random bytes, a cut WAV header, a 10-minute file, a 100 MB upload, a wrong field, an unknown task)
     plus clients that hang up mid-upload. Every good request gets its clip's own scores (those of
@@ -224,21 +232,20 @@ def test_thousands_of_requests_with_bad_inputs_and_hang_ups(runs, tmp_path):
                 scores = [entry["score"] for entry in result["labels"]]
                 assert scores == pytest.approx(expected[result["task"]][request[3]], abs=1e-5)
 
-    settings = ("--max_batch_size=32", "--max_wait_ms=5", "--max_queue=10000", "--max_seconds=30")
-    with serving(runs, *settings, log=tmp_path / "server.log") as server:
-        files_before = server.open_files()
-        memory = []
-        for seed, count in enumerate((400, 1000, 1000)):
-            requests = plan(count, seed)
-            check(requests, asyncio.run(round_of(server.url, requests)))
-            memory.append(server.rss_mb())
-        time.sleep(0.5)  # the last connections close
-        files_after = server.open_files()
-        health = httpx.get(f"{server.url}/health").json()
-        metrics = httpx.get(f"{server.url}/metrics").text
-    log = (tmp_path / "server.log").read_text()
+    files_before = server.open_files()
+    memory = []
+    for seed, count in enumerate((400, 1000, 1000)):
+        requests = plan(count, seed)
+        check(requests, asyncio.run(round_of(server.url, requests)))
+        memory.append(server.rss_mb())
+    time.sleep(0.5)  # the last connections close
+    files_after = server.open_files()
+    health = httpx.get(f"{server.url}/health").json()
+    metrics = httpx.get(f"{server.url}/metrics").text
+    log = server.log.read_text()
     assert health == {"status": "ok", "tasks": 2}
     assert files_after <= files_before, (files_before, files_after)
     assert max(memory[1:]) - memory[0] < 25, memory  # MB; keeping one batch's features per batch adds 33 per round
     assert "Traceback" not in log, log[-3000:]
-    assert 'petl_requests_total{path="/v1/classify",status="200"} 2160.0' in metrics
+    answered = float(metrics.split('petl_requests_total{path="/v1/classify",status="200"} ')[1].split()[0])
+    assert answered >= 2160  # this test's good requests (and the module's earlier ones)
