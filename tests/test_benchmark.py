@@ -179,12 +179,12 @@ def test_targets_are_decided_from_the_ratios():
 
 def test_memory_probe_sees_what_activation_checkpointing_saves(tmp_path):
     """In fresh processes (as the benchmark runs them), on a 12-layer AST (hidden 64, FFN 256) at 400 frames,
-    batch 8, where activations dominate: full fine-tuning keeps every layer's activations for backward,
+    batch 16, where activations dominate: full fine-tuning keeps every layer's activations for backward,
     checkpointing only each layer's input."""
     source = write_random_checkpoint(
         "ast", tmp_path / "ast12", hidden_size=64, num_hidden_layers=12, intermediate_size=256
     )
-    setup = Setup("ast", str(source), 400, 8)
+    setup = Setup("ast", str(source), 400, 16)
     points = benchmark.scaling(setup, ["full_ft", "full_ft+ckpt"], [400], [], steps=1, log=lambda _: None)
     assert [p["method"] for p in points] == ["full_ft", "full_ft+ckpt"]
     assert all("error" not in p and p["step_s"] > 0 for p in points), points
