@@ -67,15 +67,31 @@ MERGED_REPLACEMENTS = (
 # --- provenance -------------------------------------------------------------------------------------
 
 
+_FOLDER_HASHES: dict[tuple, str] = {}
+
+
 def folder_sha256(folder: Path) -> str:
-    """SHA-256 over the names and bytes of a folder's files (sorted), as the revision of a local backbone."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 over the names and bytes of a folder's files (sorted), as the revision of a local backbone.
+
+    Remembered for the process by the files' names, inodes, sizes and change and modification times, so that
+    loading many tasks of one backbone, or exporting many runs of it, reads its files once; a rewritten or
+    replaced file hashes anew.
+    """
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    stats = [path.stat() for path in files]
+    key = (
+        str(folder.resolve()),
+        tuple((p.name, s.st_ino, s.st_size, s.st_ctime_ns, s.st_mtime_ns) for p, s in zip(files, stats)),
+    )
+    if key not in _FOLDER_HASHES:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode() + b"\0")
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        _FOLDER_HASHES[key] = digest.hexdigest()
+    return _FOLDER_HASHES[key]
 
 
 def backbone_revision(source: str) -> dict:

@@ -191,3 +191,31 @@ def test_bad_requests_are_one_line(run, tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert "not an empty folder" in one_line_error(["--run", str(run), "--out", out])
     assert "no run here" in one_line_error(["--run", str(tmp_path / "out"), "--out", str(tmp_path / "other")])
+
+
+def test_a_backbone_folder_is_read_once_per_process_and_anew_when_a_file_changes(tmp_path, monkeypatch):
+    """`folder_sha256` (the revision of a local backbone) against hashlib over the same bytes, and its memory:
+    a second call reads no file; a file rewritten with other bytes of the same size hashes anew."""
+    import hashlib
+    import os
+
+    folder = tmp_path / "backbone"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(b"{}")
+    (folder / "model.safetensors").write_bytes(b"a" * 3000)
+
+    def expected() -> str:
+        digest = hashlib.sha256()
+        for name in ("config.json", "model.safetensors"):
+            digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+        return digest.hexdigest()
+
+    first = export.folder_sha256(folder)
+    opened = []
+    monkeypatch.setattr(export, "open", lambda *args: opened.append(args) or open(*args), raising=False)
+    assert first == expected() and export.folder_sha256(folder) == first and opened == []
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 3000)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))  # a later write, however coarse the clock
+    assert export.folder_sha256(folder) == expected() != first and len(opened) == 2
