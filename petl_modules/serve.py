@@ -210,8 +210,14 @@ FORM_OVERHEAD = 64 * 2**10  # what a multipart body may hold besides the file: b
 DRAIN_LIMIT = 2**30  # a declared body over the upload limit but under this is read and dropped before the 413
 
 
+def upload_over_limit(max_upload_mb: float) -> str:
+    """The 413 message of an upload over `--max_upload_mb` (the body's, or the file's within it)."""
+    return f"the upload is over {max_upload_mb:g} MB"
+
+
 class UploadLimit:
-    """ASGI middleware: a request body over `limit` bytes ends in 413, and no upload is ever stored whole.
+    """ASGI middleware: a request body over `max_upload_mb` plus `FORM_OVERHEAD` ends in 413, and no upload is
+    ever stored whole.
 
     A declared `Content-Length` over the limit is answered without storing any of the body: at once to a client
     that waits for `100 Continue` (curl, for large uploads), which then sends none of it; after reading and
@@ -220,9 +226,10 @@ class UploadLimit:
     counted as it arrives and refused when it passes the limit.
     """
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, max_upload_mb: float) -> None:
         self.app = app
-        self.limit = limit
+        self.limit = int(max_upload_mb * 2**20) + FORM_OVERHEAD
+        self.message = upload_over_limit(max_upload_mb)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
@@ -247,17 +254,10 @@ class UploadLimit:
 
         return await self.app(scope, counted, send)
 
-    @property
-    def message(self) -> str:
-        return f"the upload is over {(self.limit - FORM_OVERHEAD) / 2**20:g} MB"
-
 
 def _prepare(batcher: Batcher, data: bytes, max_seconds: float, tasks: Sequence[str]) -> list[torch.Tensor]:
     """An upload's model inputs for `tasks` (decoding, resampling and the front end: a worker thread's work)."""
-    wav = _decode(data, batcher.classifier.sample_rate(), max_seconds)
-    if len(wav) > max_seconds * batcher.classifier.sample_rate():  # formats whose header has no length
-        raise ServeError(413, f"the upload: the audio is over {max_seconds:g} s")
-    return batcher.inputs(wav, tasks)
+    return batcher.inputs(_decode(data, batcher.classifier.sample_rate(), max_seconds), tasks)
 
 
 def create_app(classifier: MultiTaskClassifier, settings: ServeSettings | None = None):
@@ -281,7 +281,7 @@ def create_app(classifier: MultiTaskClassifier, settings: ServeSettings | None =
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message.splitlines()[0] if message else "error"}, status_code=status)
 
-    app.add_middleware(UploadLimit, limit=int(settings.max_upload_mb * 2**20) + FORM_OVERHEAD)
+    app.add_middleware(UploadLimit, max_upload_mb=settings.max_upload_mb)
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -340,7 +340,7 @@ def create_app(classifier: MultiTaskClassifier, settings: ServeSettings | None =
             limit = int(settings.max_upload_mb * 2**20)
             data = await file.read(limit + 1)
             if len(data) > limit:
-                raise ServeError(413, f"the upload is over {settings.max_upload_mb:g} MB")
+                raise ServeError(413, upload_over_limit(settings.max_upload_mb))
             if not data:
                 raise ServeError(400, "the upload is empty")
             inputs = await asyncio.to_thread(_prepare, batcher, data, settings.max_seconds, names)

@@ -74,39 +74,43 @@ def read_audio(path: str | os.PathLike, target_sr: int = 16000) -> torch.Tensor:
     if isinstance(target_sr, bool) or not isinstance(target_sr, int) or target_sr <= 0:
         raise ValueError(f"target_sr must be a positive int, got {target_sr!r}")
     _check_file(path)
-    try:
-        data, sample_rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
-    except (sf.SoundFileError, RuntimeError) as err:
-        raise _fail(path, f"cannot decode audio ({err})") from err
-    return _mono_at(data, sample_rate, target_sr, path)
+    return _decode(os.fspath(path), target_sr, path)
 
 
 def decode_audio(
     data: bytes, target_sr: int = 16000, name: str = "the upload", max_seconds: float | None = None
 ) -> torch.Tensor:
     """`read_audio` for audio held in memory (an upload): the same result, checks and one-line errors, which
-    name `name`. With `max_seconds`, longer audio raises `AudioTooLongError` from the header, before decoding.
+    name `name`. With `max_seconds`, longer audio raises `AudioTooLongError`, from the header before decoding
+    when it gives the length.
     """
     if not data:
         raise _fail(name, "audio is empty (0 bytes)")
+    return _decode(io.BytesIO(data), target_sr, name, max_seconds)
+
+
+def _check_length(frames: int, sample_rate: int, max_seconds: float | None, name: str | os.PathLike) -> None:
+    if max_seconds is not None and frames > max_seconds * sample_rate:
+        raise AudioTooLongError(f"{name}: the audio is over {max_seconds:g} s")
+
+
+def _decode(source, target_sr: int, name: str | os.PathLike, max_seconds: float | None = None) -> torch.Tensor:
+    """A file path or file object -> the checked mono waveform at `target_sr`; errors name `name`. Audio over
+    `max_seconds` is refused from the header, before decoding, and again after it (a header may lack the length).
+    """
     try:
-        with sf.SoundFile(io.BytesIO(data)) as handle:
+        with sf.SoundFile(source) as handle:
             sample_rate = handle.samplerate
-            if max_seconds is not None and handle.frames > max_seconds * sample_rate:
-                raise AudioTooLongError(f"{name}: the audio is over {max_seconds:g} s")
-            samples = handle.read(dtype="float32", always_2d=True)
+            _check_length(handle.frames, sample_rate, max_seconds, name)
+            data = handle.read(dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError) as err:
         raise _fail(name, f"cannot decode audio ({err})") from err
-    return _mono_at(samples, sample_rate, target_sr, name)
-
-
-def _mono_at(data, sample_rate: int, target_sr: int, source: str | os.PathLike) -> torch.Tensor:
-    """Decoded samples (frames, channels) -> the checked mono waveform at `target_sr`."""
+    _check_length(len(data), sample_rate, max_seconds, name)
     if data.shape[0] == 0:
-        raise _fail(source, "audio file contains no samples")
+        raise _fail(name, "audio file contains no samples")
     wav = torch.from_numpy(data).mean(dim=1)
     if not bool(torch.isfinite(wav).all()):
-        raise _fail(source, "audio contains NaN or infinite samples")
+        raise _fail(name, "audio contains NaN or infinite samples")
     if sample_rate != target_sr:
         wav = _resampler(int(sample_rate), target_sr)(wav)
     return wav.contiguous()
