@@ -47,9 +47,9 @@ from petl_apps.speech import (
     STAMP,
     SpeechSynthesisError,
     background_noise,
-    file_stem,
     make_spoken_gsc,
     speaker_splits,
+    spoken_entries,
 )
 from petl_modules.atomic import write_json_atomic, write_text_atomic
 
@@ -178,8 +178,8 @@ class NoiseData:
 def noise_csv(paths: DemoPaths, data_root: Path) -> NoiseData:
     """Stage 4's data: the words task's clips labelled with their background noise, as an AudioFolder CSV.
 
-    Reads the words, speakers, clips per speaker and seed from the data root's `dataset.json` and names the files
-    with `file_stem`, so no clip is synthesised again and the words task's data is untouched. A clip's label is
+    Reads the words, speakers, clips per speaker and seed from the data root's `dataset.json` and lists its files
+    with `spoken_entries`, so no clip is synthesised again and the words task's data is untouched. A clip's label is
     the noise `spoken_clip` mixed into it (`speech.background_noise`, from the clip's own random draws): "none" or
     one of `NOISE_NAMES`. Speakers stay disjoint between splits: test accuracy is on unseen speakers.
     The AudioFolder recipe refuses a valid or test class without training items, so only the noises with training
@@ -188,12 +188,8 @@ def noise_csv(paths: DemoPaths, data_root: Path) -> NoiseData:
     """
     settings = json.loads((data_root / STAMP).read_text())
     labelled: dict[str, list[tuple[str, str]]] = {split: [] for split in SPLITS}  # split -> (path, noise)
-    for split in SPLITS:
-        for speaker in settings["speakers"][split]:
-            for word in settings["words"]:
-                for index in range(settings["clips_per_speaker"][split]):
-                    path = f"{data_root.name}/{word}/{file_stem(speaker, index)}.wav"
-                    labelled[split].append((path, background_noise(word, speaker, index, settings["seed"])))
+    for split, speaker, word, index, entry in spoken_entries(settings):
+        labelled[split].append((f"{data_root.name}/{entry}", background_noise(word, speaker, index, settings["seed"])))
     classes = sorted({noise for _, noise in labelled["train"]})
     if len(classes) < 2:
         raise DemoError(

@@ -318,6 +318,17 @@ def file_stem(speaker: str, index: int) -> str:
     return f"{hashlib.sha1(speaker.encode()).hexdigest()[:8]}_nohash_{index}"
 
 
+def spoken_entries(settings: dict) -> Iterator[tuple[str, str, str, int, str]]:
+    """Every clip of a spoken data set's settings (its `dataset.json`), in the order `make_spoken_gsc` writes them:
+    (split, speaker, word, index, the file's path relative to the data root).
+    """
+    for split in ("train", "valid", "test"):
+        for speaker in settings["speakers"][split]:
+            for word in settings["words"]:
+                for index in range(settings["clips_per_speaker"][split]):
+                    yield split, speaker, word, index, f"{word}/{file_stem(speaker, index)}.wav"
+
+
 def make_spoken_gsc(
     root: str | os.PathLike,
     speakers: dict[str, Sequence[str]],
@@ -354,17 +365,16 @@ def make_spoken_gsc(
     for name, noise in noises.items():
         _write_wav(building / "_background_noise_" / f"{name}.wav", noise)
     lists: dict[str, list[str]] = {"valid": [], "test": []}
-    for split in ("train", "valid", "test"):
-        for speaker in settings["speakers"][split]:
+    speaking = None
+    for split, speaker, word, index, entry in spoken_entries(settings):
+        if speaker != speaking:  # each speaker's clips start from a reset synthesizer
             reset_synthesizer()
-            for word in words:
-                for index in range(settings["clips_per_speaker"][split]):
-                    entry = f"{word}/{file_stem(speaker, index)}.wav"
-                    _write_wav(building / entry, spoken_clip(word, speaker, index, seed, list(noises.values())))
-                    if split in lists:
-                        lists[split].append(entry)
-                    if progress is not None:
-                        progress(1)
+            speaking = speaker
+        _write_wav(building / entry, spoken_clip(word, speaker, index, seed, list(noises.values())))
+        if split in lists:
+            lists[split].append(entry)
+        if progress is not None:
+            progress(1)
     (building / "validation_list.txt").write_text("\n".join(lists["valid"]) + "\n", encoding="utf-8")
     (building / "testing_list.txt").write_text("\n".join(lists["test"]) + "\n", encoding="utf-8")
     (building / "README.md").write_text(
